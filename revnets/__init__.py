@@ -1,0 +1,11 @@
+"""revnets: stable reversible residual networks (Chang et al., AAAI 2018) in PyTorch."""
+from .blocks import (AdditiveCoupling, BasicBlock, Coupling, HamiltonianBlock, LeapfrogBlock, MidPointBlock,
+                     ReversibleBlock, RevNetBlock)
+from .networks import MODELS, Network, build_model, list_models
+from .regularization import smoothness_penalty
+from .engine import invert, reversible, sequential
+
+__version__ = "0.1.0"
+__all__ = ["AdditiveCoupling", "BasicBlock", "Coupling", "HamiltonianBlock", "LeapfrogBlock", "MidPointBlock",
+           "ReversibleBlock", "RevNetBlock", "MODELS", "Network", "build_model", "list_models",
+           "smoothness_penalty", "invert", "reversible", "sequential"]

@@ -1,0 +1,118 @@
+import pytest
+import torch
+from torch import nn
+
+import revnets
+from revnets import build_model, invert, list_models, sequential, smoothness_penalty
+from revnets.networks import PAPER_PARAMS
+
+SMALL = dict(units=(2, 2, 2), channels=(8, 16, 32))
+
+
+def _count(model):
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_parameter_counts_within_10_percent_of_table_1(name):
+    c10, c100 = PAPER_PARAMS[name]
+    assert abs(_count(build_model(name)) / c10 - 1) < 0.10
+    if c100 is not None:
+        assert abs(_count(build_model(name, num_classes=100)) / c100 - 1) < 0.10
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_runs_and_trains_every_parameter(name):
+    model = build_model(name, **SMALL)
+    out = model(torch.randn(2, 3, 16, 16))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    out.logsumexp(1).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["hamiltonian-74", "midpoint-26", "leapfrog-26", "revnet-38", "resnet-32"])
+@pytest.mark.parametrize("units", [(1, 1, 1), (3, 5, 2), (50, 50, 50)])
+def test_memory_efficient_gradients_equal_plain_autograd_in_float64(name, units):
+    torch.manual_seed(0)
+    kw = dict(units=units, channels=(4, 8, 8))
+    fast = build_model(name, **kw).double()
+    plain = build_model(name, memory_efficient=False, **kw).double()
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    grads = []
+    for model in (fast, plain):
+        xi = x.clone().requires_grad_()
+        out = model(xi)
+        (out.pow(2).sum() + out.sum()).backward()
+        grads.append([xi.grad] + [p.grad for p in model.parameters()])
+    for g_fast, g_plain in zip(*grads):
+        assert ((g_fast - g_plain).norm() / g_plain.norm()) < 1e-9
+
+
+def test_same_state_dict_in_both_modes():
+    assert build_model("hamiltonian-74").state_dict().keys() == \
+        build_model("hamiltonian-74", memory_efficient=False).state_dict().keys()
+
+
+def test_grey_inputs_other_resolutions_and_four_units():
+    model = build_model("hamiltonian-74", in_channels=1, num_classes=3, units=(4, 4, 4, 4),
+                        channels=(16, 64, 128, 256))
+    assert model(torch.randn(2, 1, 24, 40)).shape == (2, 3)
+    assert build_model("resnet-32", **SMALL)(torch.randn(1, 3, 96, 96)).shape == (1, 10)
+
+
+def test_hamiltonian_units_rebuild_their_inputs_in_float32_at_100_blocks():
+    torch.manual_seed(0)
+    model = build_model("hamiltonian-218", units=(100, 100, 100), channels=(16, 32, 64)).eval()
+    x = model.stem(torch.randn(4, 3, 16, 16))
+    with torch.no_grad():
+        for unit in model.units:
+            a, b = unit.entry(*unit.block.split(torch.nn.functional.avg_pool2d(x, 2) if unit.pool else x))
+            out = sequential(unit.blocks, a, b)
+            a2, b2 = invert(unit.blocks, *out)
+            err = torch.cat([a2 - a, b2 - b]).norm() / torch.cat([a, b]).norm()
+            assert err < 1e-5
+            x = unit.block.merge(*out)
+
+
+@pytest.mark.parametrize("shape, match", [((3, 32, 32), r"\(N, 3, H, W\)"), ((2, 1, 32, 32), r"\(N, 3, H, W\)"),
+                                          ((2, 3, 30, 32), "multiples of 4"), ((2, 3, 2, 2), "multiples of 4")])
+def test_bad_input_shape_names_the_expected_shape(shape, match):
+    with pytest.raises(ValueError, match=match):
+        build_model("hamiltonian-74", **SMALL)(torch.randn(*shape))
+
+
+def test_unknown_model_and_setting_list_the_valid_ones():
+    with pytest.raises(ValueError, match="hamiltonian-74.*leapfrog-62"):
+        build_model("hamiltonian-75")
+    with pytest.raises(ValueError, match="valid overrides: units, channels, act, norm"):
+        build_model("resnet-32", h=0.1)
+    with pytest.raises(ValueError, match="odd channels"):
+        build_model("hamiltonian-74", channels=(32, 64, 113))
+
+
+def test_smoothness_penalty_is_eq_22():
+    model = build_model("hamiltonian-74", units=(3, 2), channels=(8, 16), h=0.25)
+    expected = 0.0
+    for unit in model.units:
+        blocks = list(unit)
+        for j in range(len(blocks) - 1):
+            for k in ("k1", "k2"):
+                w0, w1 = getattr(blocks[j], k).conv.weight, getattr(blocks[j + 1], k).conv.weight
+                if w0.shape == w1.shape:
+                    expected += 0.25 * ((w0 - w1) / 0.25).pow(2).sum()
+    assert len(list(model.units[1])) == 2 and expected > 0
+    torch.testing.assert_close(smoothness_penalty(model), expected)
+
+
+@pytest.mark.parametrize("name", ["hamiltonian-74", "midpoint-26", "leapfrog-26", "revnet-38"])
+def test_smoothness_penalty_vanishes_for_constant_kernels(name):
+    model = build_model(name, units=(3, 3), channels=(8, 8))
+    assert smoothness_penalty(model) > 0
+    with torch.no_grad():
+        for unit in model.units:
+            blocks = list(unit)
+            for block in blocks[1:]:
+                for (n, p), q in zip(block.named_parameters(), blocks[0].parameters()):
+                    p.copy_(q)
+    assert smoothness_penalty(model) == 0
