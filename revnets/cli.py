@@ -1,0 +1,36 @@
+"""The `revnets` command: one subcommand per module (train, eval, models, plot, analyze, ...).
+
+Each command module defines `add_parser(subparsers)`, which registers its subcommand and sets
+`func(args) -> int` as the parser default. Bad arguments end with one clear line and exit code 2.
+"""
+import argparse
+import sys
+
+from . import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="revnets", description="Stable reversible residual networks.")
+    parser.add_argument("--version", action="version", version=f"revnets {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in _command_modules():
+        module.add_parser(sub)
+    return parser
+
+
+def _command_modules() -> list:
+    return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"revnets {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
