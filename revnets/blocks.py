@@ -84,10 +84,11 @@ def _check_even(channels: int, name: str) -> None:
 
 
 class SymmetricLayer(nn.Module):
-    """u -> K^T s(N(K u + b)), the two-layer residual function of Eq. (7).
+    """u -> scale * K^T s(N(K u + b)), the two-layer residual function of Eq. (7).
 
     K is a 3x3 convolution C -> C and K^T the transposed convolution with the same weight, so the
-    Jacobian -K^T diag(s') K is symmetric negative semi-definite. (N, C, H, W) -> (N, C, H, W).
+    Jacobian K^T diag(s') K is symmetric positive semi-definite. (N, C, H, W) -> (N, C, H, W).
+    The step's scale (h, -h or -h^2) multiplies K^T's weight: no extra pass over the activations.
     """
 
     def __init__(self, channels: int, act: Act = nn.ReLU, norm: Norm = None):
@@ -96,8 +97,8 @@ class SymmetricLayer(nn.Module):
         self.norm = norm(channels) if norm else nn.Identity()
         self.act = act()
 
-    def forward(self, u: Tensor) -> Tensor:
-        return F.conv_transpose2d(self.act(self.norm(self.conv(u))), self.conv.weight, padding=1)
+    def forward(self, u: Tensor, scale: float = 1.0) -> Tensor:
+        return F.conv_transpose2d(self.act(self.norm(self.conv(u))), scale * self.conv.weight, padding=1)
 
 
 class AntisymmetricLayer(nn.Module):
@@ -151,10 +152,10 @@ class HamiltonianBlock(ReversibleBlock):
         return Coupling(+1, self._dy), Coupling(+1, self._dz)
 
     def _dy(self, z: Tensor) -> Tensor:
-        return self.h * self.k1(z)
+        return self.k1(z, self.h)
 
     def _dz(self, y: Tensor) -> Tensor:
-        return -self.h * self.k2(y)
+        return self.k2(y, -self.h)
 
     @classmethod
     def entry(cls, c_in: int, c_out: int, **kw) -> nn.Module:
@@ -214,7 +215,7 @@ class LeapfrogBlock(ReversibleBlock):
         return (Coupling(-1, self._update),)
 
     def _update(self, y: Tensor) -> Tensor:
-        return 2 * y - self.h**2 * self.f(y)
+        return torch.add(self.f(y, -self.h**2), y, alpha=2)
 
     @classmethod
     def entry(cls, c_in: int, c_out: int, **kw) -> nn.Module:

@@ -49,18 +49,17 @@ def reversible(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor) -> tuple
 
     Gives the same values and gradients as `sequential`; every block must be deterministic.
     """
-    params = _unique(p for block in blocks for p in block.parameters() if p.requires_grad)
-    needs_grad = a.requires_grad or b.requires_grad or bool(params)
-    if not blocks or not (torch.is_grad_enabled() and needs_grad):
+    params, layout = _parameters(blocks)
+    if not blocks or not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or params)):
         return sequential(blocks, a, b)
     _check_deterministic(blocks)
-    return _Reversible.apply(tuple(blocks), a, b, *params)
+    return _Reversible.apply(tuple(blocks), layout, a, b, *params)
 
 
 class _Reversible(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, blocks, a, b, *params):
-        ctx.blocks, ctx.params = blocks, params
+    def forward(ctx, blocks, layout, a, b, *params):
+        ctx.blocks, ctx.layout, ctx.params = blocks, layout, params
         ctx.autocast = _autocast_state(a.device.type)
         x, y = sequential(blocks, a, b)
         ctx.save_for_backward(a, b, x, y)
@@ -70,39 +69,44 @@ class _Reversible(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_x, grad_y):
         a0, b0, p, q = ctx.saved_tensors
-        index = {id(w): i for i, w in enumerate(ctx.params)}
         grads = [None] * len(ctx.params)
-        steps = [(c, block) for block in ctx.blocks for c in block.couplings()]
+        steps = [(c, ix) for block, ix in zip(ctx.blocks, ctx.layout) for c in block.couplings()]
         with torch.autocast(**ctx.autocast), _frozen_running_stats(ctx.blocks):
             for k in reversed(range(len(steps))):
-                coupling, block = steps[k]
-                weights = [w for w in block.parameters() if id(w) in index]
-                b = (b0 if k == 0 else p).detach().requires_grad_()
+                coupling, ix = steps[k]
+                b = (b0 if k == 0 else p).detach().requires_grad_()  # the first input is kept exactly
                 with torch.enable_grad():
                     u = coupling.update(b)
-                grad_b, *grad_w = torch.autograd.grad(u, (b, *weights), grad_y, allow_unused=True)
-                for w, g in zip(weights, grad_w):
-                    i = index[id(w)]
+                grad_b, *grad_w = torch.autograd.grad(u, (b, *(ctx.params[i] for i in ix)), grad_y,
+                                                      allow_unused=True)
+                for i, g in zip(ix, grad_w):
                     if g is not None:
                         grads[i] = g if grads[i] is None else grads[i] + g
                 with torch.no_grad():
-                    if k > 0:  # the first coupling's input is a0, kept exactly
+                    if k > 0:
                         p, q = (q - u if coupling.sign > 0 else u - q), b.detach()
                     grad_x, grad_y = (grad_y if coupling.sign > 0 else -grad_y), _add(grad_x, grad_b)
-        return None, grad_x, grad_y, *grads
+        return None, None, grad_x, grad_y, *grads
+
+
+def _parameters(blocks: Sequence[nn.Module]) -> tuple[list[nn.Parameter], tuple[tuple[int, ...], ...]]:
+    """The chain's distinct trainable parameters, and for each block the indices of its own."""
+    index: dict[int, int] = {}
+    params, layout = [], []
+    for block in blocks:
+        ix = []
+        for w in block.parameters():
+            if w.requires_grad:
+                if id(w) not in index:
+                    index[id(w)] = len(params)
+                    params.append(w)
+                ix.append(index[id(w)])
+        layout.append(tuple(ix))
+    return params, tuple(layout)
 
 
 def _add(x: Tensor, y: Tensor | None) -> Tensor:
     return x if y is None else x + y
-
-
-def _unique(params) -> list[nn.Parameter]:
-    seen, out = set(), []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
 
 
 def _autocast_state(device_type: str) -> dict:

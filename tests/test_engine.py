@@ -1,6 +1,3 @@
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -128,15 +125,8 @@ def test_bf16_autocast_gradients_as_accurate_as_plain_autograd(name):
         assert ((g[True] - g[False]).norm() / g[False].norm()) < 1e-4
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, state, x, y, out_file):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_worker(rank, world, store, state, x, y, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = revnets.build_model("hamiltonian-74", units=(3, 3), channels=(8, 16))
     model.load_state_dict(state)
@@ -154,7 +144,8 @@ def test_ddp_gloo_gradients_equal_single_process(tmp_path):
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     out_file = tmp_path / "grads.pt"
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), state, x, y, out_file), nprocs=2, start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(2, tmp_path / "store", state, x, y, out_file), nprocs=2,
+                       start_method="spawn")
     grads = torch.load(out_file)
     # BatchNorm normalises each shard with its own statistics, so compare with the mean of the two
     # per-shard single-process gradients (what DDP averages).
