@@ -80,9 +80,7 @@ def measure(name: str, mode: str, batch: int, size: int, device: str, amp: str |
                peak_mb=(peak - base) / 2**20, **{k: str(v) for k, v in overrides.items()})
     if grad_error:
         g = grad_vector(model)
-        ref = build(name, "plain", torch.float64, **overrides).to(device)
-        ref.load_state_dict(model.state_dict())
-        ref.zero_grad()
+        ref = build(name, "plain", torch.float64, **overrides).to(device)  # same seed: same weights
         train_step(ref, x.double(), y, None)
         g_ref = grad_vector(ref)
         out["grad_err"] = ((g - g_ref).norm() / g_ref.norm()).item()
@@ -93,7 +91,8 @@ def measure_in_child(script: str, config: dict) -> dict:
     """Run `script --child JSON` in a fresh process and return the dict it prints."""
     done = subprocess.run([sys.executable, script, "--child", json.dumps(config)], capture_output=True, text=True)
     if done.returncode:
-        return dict(config, error=done.stderr.strip().splitlines()[-1] if done.stderr else "failed")
+        return dict(config, model=config.get("name"),
+                    error=done.stderr.strip().splitlines()[-1] if done.stderr else "failed")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
