@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command_modules() -> list:
-    return []
+    from . import plot, zoo
+    return [zoo, plot]
 
 
 def main(argv: list[str] | None = None) -> int:
