@@ -1,0 +1,292 @@
+"""`revnets reproduce`: the paper's experiments (Section 4) as grids of `revnets train` runs.
+
+    table1       Table 1: the five architectures of the first row (and the deeper row) on CIFAR-10
+    subsampling  Figure 3: Hamiltonian vs ResNet, 4 units of 4 blocks, channels 16-64-128-256,
+                 trained on 20% down to 0.05% of CIFAR-10, three seeds
+    deep         1,202 layers: hamiltonian-1202 and resnet-1202, with their peak memory
+
+Each run is one `revnets train` command in its own sub-directory of --out, named from its
+settings (e.g. `hamiltonian-4x4-f0.01-s0`). A run with summary.json is finished and skipped, one
+with only last.pt was interrupted and is resumed, so rerunning the same command after a kill
+continues the grid. After every run `OUT/summary.csv` is rewritten (one row per finished run);
+at the end the figure is drawn into `OUT/<experiment>.png` (`--plot` redraws it alone).
+
+Budgets (--budget) are the recipes:
+    paper  the paper's Appendix: SGD, batch 100, lr 0.1 / 10 at epochs 80 and 120, 160 epochs
+           (80K steps; Hamiltonian-1202 at batch 32)
+    small  minutes per model on one GPU: one-cycle, batch 512 with the learning rate scaled, bf16
+    cpu    subsampling only: the smallest fractions on a few CPU cores
+    tiny   the pipeline check of the test suite and CPU smoke runs: tiny networks, one epoch
+"""
+import argparse
+import csv
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+EXPERIMENTS = ("table1", "subsampling", "deep")
+BUDGETS = ("tiny", "cpu", "small", "paper")
+CSV_FIELDS = ("experiment", "run", "model", "fraction", "seed", "epochs", "final_acc", "best_acc", "wall_s",
+              "peak_mb", "params")
+TRAIN_SIZE = 50_000  # CIFAR-10's training images: a subsampling run's epochs are sized from it
+FIGURE3_FRACTIONS = (0.2, 0.1, 0.05, 0.04, 0.03, 0.02, 0.01, 0.005, 0.002, 0.001, 0.0005)
+
+TABLE1_ROW1 = ("resnet-32", "revnet-38", "hamiltonian-74", "midpoint-26", "leapfrog-26")
+TABLE1_ROW2 = ("resnet-110", "revnet-110", "hamiltonian-218", "midpoint-62", "leapfrog-62")
+FIGURE3_MODELS = {"hamiltonian-4x4": "hamiltonian-74", "resnet-4x4": "resnet-32"}
+FIGURE3_NET = dict(units=(4, 4, 4, 4), channels=(16, 64, 128, 256))
+TINY_NET = dict(units=(1, 1, 1), channels=(8, 16, 32))
+PAPER = dict(batch_size=100, lr=0.1, schedule="step", milestones=(80, 120, 160), weight_decay=2e-4,
+             smoothness=2e-4, momentum=0.9)
+SMALL = dict(batch_size=512, lr=0.4, schedule="onecycle", amp="bf16")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One experiment at one budget: the models (label -> `--model`), the grid and the train flags.
+
+    `images`, when set, sizes each run as images seen (epochs = images / subset size, at least one),
+    so that a run on 0.05% of the data takes as many steps as one on 20%.
+    """
+    models: dict[str, str]
+    train: dict
+    fractions: tuple[float, ...] = (1.0,)
+    seeds: tuple[int, ...] = (0,)
+    images: int | None = None
+
+
+RECIPES: dict[tuple[str, str], Recipe] = {
+    ("table1", "tiny"): Recipe({m: m for m in TABLE1_ROW1}, dict(epochs=1, batch_size=16, **TINY_NET)),
+    ("table1", "small"): Recipe({m: m for m in TABLE1_ROW1 + TABLE1_ROW2}, dict(epochs=40, **SMALL)),
+    ("table1", "paper"): Recipe({m: m for m in TABLE1_ROW1 + TABLE1_ROW2}, dict(epochs=160, **PAPER)),
+    ("subsampling", "tiny"): Recipe(FIGURE3_MODELS, dict(batch_size=16, units=(1, 1, 1, 1),
+                                                          channels=(8, 16, 16, 32)), fractions=(0.5,), images=50),
+    ("subsampling", "cpu"): Recipe(FIGURE3_MODELS, dict(batch_size=50, lr=0.05, schedule="cosine", **FIGURE3_NET),
+                                   fractions=(0.01, 0.005, 0.002, 0.001, 0.0005), images=10_000),
+    ("subsampling", "small"): Recipe(FIGURE3_MODELS, dict(**SMALL, **FIGURE3_NET), fractions=FIGURE3_FRACTIONS,
+                                     seeds=(0, 1, 2), images=2_000_000),
+    ("subsampling", "paper"): Recipe(FIGURE3_MODELS, dict(**PAPER, **FIGURE3_NET), fractions=FIGURE3_FRACTIONS,
+                                     seeds=(0, 1, 2), images=8_000_000),
+    ("deep", "tiny"): Recipe({"hamiltonian-1202": "hamiltonian-1202", "resnet-1202": "resnet-1202"},
+                             dict(epochs=1, batch_size=32, units=(3, 3, 3), channels=(8, 16, 32))),
+    ("deep", "small"): Recipe({"hamiltonian-1202": "hamiltonian-1202", "resnet-1202": "resnet-1202"},
+                              dict(epochs=10, batch_size=128, lr=0.1, schedule="onecycle", amp="bf16")),
+    ("deep", "paper"): Recipe({"hamiltonian-1202": "hamiltonian-1202", "resnet-1202": "resnet-1202"},
+                              dict(epochs=160, **{**PAPER, "batch_size": 32})),
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One cell of a grid: a `revnets train` command and the sub-directory it writes."""
+    experiment: str
+    model: str
+    fraction: float
+    seed: int
+    flags: dict = field(hash=False)
+
+    @property
+    def name(self) -> str:
+        frac = f"-f{self.fraction:g}" if self.fraction < 1 else ""
+        return f"{self.model}{frac}-s{self.seed}"
+
+    def argv(self, out: Path) -> list[str]:
+        """The `revnets train` arguments of this run, writing into out / name."""
+        return [*_to_argv(self.flags), "--out", str(out / self.name)]
+
+    def command(self, out: Path) -> str:
+        return shlex.join(["revnets", "train", *self.argv(out)])
+
+
+def _to_argv(flags: dict) -> list[str]:
+    argv = []
+    for key, value in flags.items():
+        argv.append("--" + key.replace("_", "-"))
+        argv += [str(v) for v in value] if isinstance(value, tuple) else [str(value)]
+    return argv
+
+
+def grid(experiment: str, budget: str, data: dict, models=None, fractions=None, seeds=None) -> list[Run]:
+    """The runs of `experiment` at `budget`; `data` holds the dataset flags shared by every run.
+
+    `models`, `fractions` and `seeds` restrict the grid (None: the recipe's).
+    """
+    if (experiment, budget) not in RECIPES:
+        valid = sorted(b for e, b in RECIPES if e == experiment)
+        raise ValueError(f"{experiment} has no budget {budget!r}; expected one of {', '.join(valid)}")
+    recipe = RECIPES[experiment, budget]
+    models = _check_subset("model", models, tuple(recipe.models))
+    runs = []
+    for label in models:
+        for fraction in fractions or recipe.fractions:
+            if not 0 < fraction <= 1:
+                raise ValueError(f"training fractions must lie in (0, 1]; got {fraction}")
+            for seed in seeds if seeds is not None else recipe.seeds:
+                flags = dict(model=recipe.models[label], **data, **recipe.train, seed=seed)
+                if fraction < 1:
+                    flags["train_fraction"] = fraction
+                if recipe.images:
+                    flags.update(_sized_by_images(recipe, fraction))
+                runs.append(Run(experiment, label, fraction, seed, flags))
+    return runs
+
+
+def _check_subset(what: str, chosen, valid: tuple) -> tuple:
+    unknown = set(chosen or ()) - set(valid)
+    if unknown:
+        raise ValueError(f"unknown {what} {', '.join(sorted(unknown))} for this experiment; expected {', '.join(valid)}")
+    return tuple(chosen or valid)
+
+
+def _sized_by_images(recipe: Recipe, fraction: float) -> dict:
+    """Epochs (and a batch no larger than the subset) so that the run sees about `recipe.images` images."""
+    subset = max(1, round(TRAIN_SIZE * fraction))
+    epochs = max(1, round(recipe.images / subset))
+    sized = dict(epochs=epochs, batch_size=min(recipe.train["batch_size"], subset))
+    if "milestones" in recipe.train:  # the paper's decays at 50% and 75% of its run, the last at the end
+        sized["milestones"] = tuple(max(1, round(epochs * m / 160)) for m in recipe.train["milestones"])
+    return sized
+
+
+def run_grid(runs: list[Run], out: Path) -> list[dict]:
+    """Train every run of the grid in turn (skipping finished ones, resuming interrupted ones).
+
+    After each run `out/summary.csv` is refreshed. Returns the summary rows of the grid.
+    """
+    rows = []
+    for i, run in enumerate(runs, 1):
+        print(f"[{i}/{len(runs)}] {run.command(out)}", flush=True)
+        rows.append(summary_row(run, execute(run, out)))
+        write_summary_csv(out, rows)
+    return rows
+
+
+def execute(run: Run, out: Path) -> dict:
+    """The summary of `run`: read when it finished before, else from training (resumed from last.pt)."""
+    from . import train
+    run_dir = out / run.name
+    if (run_dir / "summary.json").exists():
+        print(f"  finished before: {run_dir / 'summary.json'}", flush=True)
+        return json.loads((run_dir / "summary.json").read_text())
+    argv = run.argv(out)
+    if (run_dir / "last.pt").exists():
+        print(f"  resuming from {run_dir / 'last.pt'}", flush=True)
+        argv += ["--resume", str(run_dir)]
+    return train.train(train.parse_config(argv))
+
+
+def summary_row(run: Run, summary: dict) -> dict:
+    """One line of summary.csv, CSV_FIELDS, from a run and its summary.json."""
+    return dict(experiment=run.experiment, run=run.name, model=run.model, fraction=run.fraction, seed=run.seed,
+                epochs=run.flags["epochs"], **{k: summary.get(k) for k in CSV_FIELDS[6:]})
+
+
+def write_summary_csv(out: Path, rows: list[dict]) -> Path:
+    """Merge `rows` into out/summary.csv (rows of other runs already there are kept), atomically."""
+    path = out / "summary.csv"
+    merged = {(r["experiment"], r["run"]): r for r in read_summary_csv(path)}
+    merged.update({(r["experiment"], r["run"]): r for r in rows})
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(merged[k] for k in sorted(merged))
+    tmp.replace(path)
+    return path
+
+
+def read_summary_csv(path: Path) -> list[dict]:
+    """The rows of a summary.csv ([] when there is none), numbers as float or int."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text or None
+
+
+def plot(experiment: str, out: Path) -> Path:
+    """Draw `out/<experiment>.png` from out/summary.csv (and the runs' metrics.csv for table1)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in read_summary_csv(out / "summary.csv") if r["experiment"] == experiment]
+    if not rows:
+        raise FileNotFoundError(f"no finished {experiment} runs in {out / 'summary.csv'}; run the experiment first")
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    {"table1": _plot_curves, "subsampling": _plot_fractions, "deep": _plot_memory}[experiment](ax, rows, out)
+    path = out / f"{experiment}.png"
+    tmp = path.with_suffix(".png.tmp")
+    fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _plot_fractions(ax, rows: list[dict], out: Path) -> None:
+    """Figure 3: final test accuracy (%) against the training fraction, mean and std over seeds."""
+    import numpy as np
+    for model in sorted({r["model"] for r in rows}):
+        fractions = sorted({r["fraction"] for r in rows if r["model"] == model})
+        accs = [[r["final_acc"] for r in rows if r["model"] == model and r["fraction"] == f] for f in fractions]
+        ax.errorbar([100 * f for f in fractions], [100 * np.mean(a) for a in accs],
+                    yerr=[100 * np.std(a) for a in accs], marker="o", capsize=3, label=model)
+    ax.set(xscale="log", xlabel="training data (% of CIFAR-10)", ylabel="test accuracy (%)")
+    ax.legend()
+
+
+def _plot_curves(ax, rows: list[dict], out: Path) -> None:
+    """Table 1: test accuracy (%) per epoch of every run, from its metrics.csv."""
+    from .plot import read_metrics
+    for row in rows:
+        metrics = read_metrics(out / row["run"])
+        ax.plot(metrics["epoch"], [100 * a for a in metrics["test_acc"]], label=row["model"])
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)")
+    ax.legend(fontsize="small")
+
+
+def _plot_memory(ax, rows: list[dict], out: Path) -> None:
+    """1,202 layers: peak memory (MB) of each run, its final accuracy written on the bar."""
+    bars = ax.bar([r["run"] for r in rows], [r["peak_mb"] or 0 for r in rows])
+    ax.bar_label(bars, [f"{100 * r['final_acc']:.2f}%" for r in rows])
+    ax.set(ylabel="peak memory (MB)")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("reproduce", help="rerun an experiment of the paper as a grid of train runs",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", choices=EXPERIMENTS)
+    p.add_argument("--out", type=Path, required=True, help="directory of the runs, summary.csv and figures")
+    p.add_argument("--budget", choices=BUDGETS, default="small", help="the recipe (default: small)")
+    p.add_argument("--dataset", default="cifar10", help="passed to every run (default: cifar10)")
+    p.add_argument("--data-dir", help="passed to every run")
+    p.add_argument("--device", help="passed to every run")
+    p.add_argument("--models", nargs="+", help="run only these models of the grid")
+    p.add_argument("--fractions", nargs="+", type=float, help="run only these training fractions")
+    p.add_argument("--seeds", nargs="+", type=int, help="run only these seeds")
+    p.add_argument("--dry-run", action="store_true", help="print the train commands, run nothing")
+    p.add_argument("--plot", action="store_true", help="only redraw the figure from finished runs")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.plot:
+        print(plot(args.experiment, args.out))
+        return 0
+    data = {k: v for k, v in dict(dataset=args.dataset, data_dir=args.data_dir, device=args.device).items() if v}
+    runs = grid(args.experiment, args.budget, data, args.models, args.fractions, args.seeds)
+    if args.dry_run:
+        print("\n".join(run.command(args.out) for run in runs))
+        return 0
+    run_grid(runs, args.out)
+    print(f"summary: {args.out / 'summary.csv'}\nfigure: {plot(args.experiment, args.out)}")
+    return 0
