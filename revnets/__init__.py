@@ -4,8 +4,10 @@ from .blocks import (AdditiveCoupling, BasicBlock, Coupling, HamiltonianBlock, L
 from .networks import MODELS, Network, build_model, list_models
 from .regularization import smoothness_penalty
 from .engine import invert, reversible, sequential
+from .drift import DriftMonitor, reversal_error
+from .multilevel import grow
 
 __version__ = "0.1.0"
 __all__ = ["AdditiveCoupling", "BasicBlock", "Coupling", "HamiltonianBlock", "LeapfrogBlock", "MidPointBlock",
            "ReversibleBlock", "RevNetBlock", "MODELS", "Network", "build_model", "list_models",
-           "smoothness_penalty", "invert", "reversible", "sequential"]
+           "smoothness_penalty", "invert", "reversible", "sequential", "DriftMonitor", "reversal_error", "grow"]

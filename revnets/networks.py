@@ -41,10 +41,14 @@ class ReversibleUnit(nn.Module):
         yield getattr(self.entry, "block", self.entry)
         yield from self.blocks
 
-    def forward(self, x: Tensor) -> Tensor:
+    def chain_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """[pool] -> split -> entry: the state (a, b) that enters the reversible blocks."""
         if self.pool:
             x = F.avg_pool2d(x, 2)
-        a, b = self.entry(*self.block.split(x))
+        return self.entry(*self.block.split(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.chain_input(x)
         run = reversible if self.memory_efficient else sequential
         return self.block.merge(*run(self.blocks, a, b))
 
