@@ -87,8 +87,52 @@ def measure(name: str, mode: str, batch: int, size: int, device: str, amp: str |
     return out
 
 
-def measure_in_child(script: str, config: dict) -> dict:
-    """Run `script --child JSON` in a fresh process and return the dict it prints."""
+def measure_interleaved(name: str, modes: list[str], batch: int, size: int, device: str, amp: str | None,
+                        repeats: int, **overrides) -> list[dict]:
+    """Step time of several modes of one model, their steps interleaved in one process.
+
+    On a shared machine the load changes from second to second; alternating the modes step by
+    step gives each the same conditions, so their ratio is fair. Per mode: median ms, gradient
+    error against a float64 plain-autograd reference, and on a GPU the step's peak allocator
+    memory above what was held before it (CPU peak memory needs a process per mode:
+    memory_vs_depth.py).
+    """
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    models = {mode: build(name, mode, **overrides).to(device) for mode in modes}
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    times, peaks = {m: [] for m in modes}, {m: 0.0 for m in modes}
+    for i in range(repeats + 1):
+        for mode, model in models.items():
+            model.zero_grad(set_to_none=False)
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            t = time.perf_counter()
+            train_step(model, x, y, amp)
+            sync()
+            if i:  # the first round warms up
+                times[mode].append(time.perf_counter() - t)
+            if cuda:
+                peaks[mode] = max(peaks[mode], (torch.cuda.max_memory_allocated() - base) / 2**20)
+    ref = build(name, "plain", torch.float64, **overrides).to(device)  # same seed: same weights
+    train_step(ref, x.double(), y, None)
+    g_ref = grad_vector(ref)
+    rows = []
+    for mode, model in models.items():
+        ms = 1e3 * statistics.median(times[mode])
+        rows.append(dict(model=name, mode=mode, amp=amp or "fp32", ms=ms,
+                         ratio=f"{ms / (1e3 * statistics.median(times[modes[0]])):.2f}",
+                         peak_mb=peaks[mode] if cuda else "",
+                         grad_err=((grad_vector(model) - g_ref).norm() / g_ref.norm()).item()))
+    return rows
+
+
+def measure_in_child(script: str, config: dict):
+    """Run `script --child JSON` in a fresh process and return the JSON it prints."""
     done = subprocess.run([sys.executable, script, "--child", json.dumps(config)], capture_output=True, text=True)
     if done.returncode:
         return dict(config, model=config.get("name"),

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from common import markdown, measure, measure_in_child, record
+from common import markdown, measure_in_child, measure_interleaved, record
 
 MODES = ("plain", "checkpoint", "reversible")
 
@@ -36,22 +36,18 @@ def main() -> None:
     p.add_argument("--child")
     args = p.parse_args()
     if args.child:
-        print(json.dumps(measure(**json.loads(args.child))))
+        print(json.dumps(measure_interleaved(**json.loads(args.child))))
         return
     rows = []
     for name in args.models:
         for n in args.blocks:
             for precision in args.precisions:
                 amp = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}[precision]
-                plain_ms = None
-                for mode in MODES:
-                    config = dict(name=name, mode=mode, batch=args.batch, size=args.size, device=args.device, amp=amp,
-                                  repeats=args.repeats, grad_error=True, units=(n,), channels=(args.channels,))
-                    row = measure_in_child(__file__, config)
+                config = dict(name=name, modes=list(MODES), batch=args.batch, size=args.size, device=args.device,
+                              amp=amp, repeats=args.repeats, units=(n,), channels=(args.channels,))
+                result = measure_in_child(__file__, config)
+                for row in result if isinstance(result, list) else [result]:
                     row.update(blocks=n, scheme=name.split("-")[0])
-                    plain_ms = row["ms"] if mode == "plain" else plain_ms
-                    if plain_ms and "ms" in row:
-                        row["ratio"] = row["ms"] / plain_ms
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr)
     table = markdown(rows, ["scheme", "blocks", "amp", "mode", "ms", "ratio", "peak_mb", "grad_err"])
@@ -59,9 +55,10 @@ def main() -> None:
     if args.record:
         record("Step time, memory and gradient error", args.device, table,
                f"One unit of n blocks at {args.channels} channels, batch {args.batch}, {args.size}x{args.size} inputs; "
-               "one training step (forward, cross-entropy, backward); median of the timed steps after one warm-up. "
-               "peak_mb: peak memory of the step above what the process held before it (CPU: resident set; GPU: "
-               "allocator). grad_err: against a float64 plain-autograd reference.")
+               "one training step (forward, cross-entropy, backward); the three modes' steps interleaved in one process, "
+               "median of the timed rounds after one warm-up round. peak_mb (GPU only): the step's peak allocator "
+               "memory above what was held before it; CPU memory: memory_vs_depth.py. grad_err: against a float64 "
+               "plain-autograd reference.")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,48 @@
+"""The speed options a user can switch on give the same gradients as the default path.
+
+channels-last memory format and torch.compile are what `revnets train --channels-last --compile`
+apply on a GPU; here they are checked on the CPU, in float64, against the default NCHW eager step.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import revnets
+
+SCHEMES = ["hamiltonian-74", "midpoint-26", "leapfrog-26", "revnet-38"]
+
+
+def _grads(model, x, y):
+    model.zero_grad()
+    x = x.clone().requires_grad_()
+    F.cross_entropy(model(x), y).backward()
+    return [x.grad] + [p.grad.clone() for p in model.parameters()]
+
+
+def _model_and_batch(name):
+    torch.manual_seed(0)
+    model = revnets.build_model(name, units=(2, 2, 2), channels=(8, 16, 32)).double()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    return model, x, torch.tensor([0, 1, 2, 3])
+
+
+def _assert_close(got, want, rtol):
+    for g, w in zip(got, want, strict=True):
+        assert (g - w).norm() <= rtol * w.norm()
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_channels_last_gives_the_same_gradients(name):
+    model, x, y = _model_and_batch(name)
+    want = _grads(model, x, y)
+    model = model.to(memory_format=torch.channels_last)
+    assert model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    _assert_close(_grads(model, x.to(memory_format=torch.channels_last), y), want, rtol=1e-12)
+
+
+def test_compiled_model_gives_the_same_gradients():
+    """The engine's autograd.Function goes through torch.compile's tracing (aot_eager backend:
+    the same graph capture as inductor, without generating kernels, so it runs in seconds)."""
+    model, x, y = _model_and_batch("hamiltonian-74")
+    want = _grads(model, x, y)
+    _assert_close(_grads(torch.compile(model, backend="aot_eager"), x, y), want, rtol=1e-12)
