@@ -1,0 +1,107 @@
+"""Checkpoints that survive a kill and cannot run code.
+
+A checkpoint is a dict of tensors and plain Python values:
+
+    {"model": state_dict, "config": dict of train.Config, "epoch": completed epochs,
+     and, to resume: "optimizer", "scheduler", "rng", "best_acc" (and "scaler" with fp16)}
+
+`save` writes a temporary file next to the target, fsyncs it and renames it over the target, so a
+kill leaves either the old or the new checkpoint, never half of one. `load` unpickles with
+``torch.load(weights_only=True)``: only tensors and containers of plain values are rebuilt, so a
+checkpoint from elsewhere cannot execute code.
+"""
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .networks import build_model
+
+KEYS = ("model", "config", "epoch")
+
+
+def save(path: str | os.PathLike, obj: dict) -> None:
+    """Write `obj` to `path` atomically: temporary file in the same directory, flush, fsync, rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read a checkpoint written by `save`; ValueError naming the file if it is corrupt or foreign."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} refused: not a file of tensors and plain values that loads without "
+                         f"running code ({_reason(e, 'WeightsUnpickler error:')})") from None
+    except Exception as e:  # RuntimeError, EOFError, ... depending on the damage
+        raise ValueError(f"{path} is not a readable checkpoint ({_reason(e)})") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a revnets checkpoint: it holds a {type(ckpt).__name__}, expected a dict")
+    missing = [k for k in KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a revnets checkpoint: missing {', '.join(missing)} "
+                         f"(expected keys {', '.join(KEYS)})")
+    return ckpt
+
+
+def _reason(e: Exception, marker: str = "") -> str:
+    """The informative sentence of torch.load's long error messages."""
+    text = str(e)
+    text = text[text.index(marker) + len(marker):] if marker and marker in text else text
+    return text.strip().split(". ")[0].split("\n")[0].strip() or type(e).__name__
+
+
+def model_from_config(config: dict, num_classes: int, in_channels: int, grown: int = 0) -> nn.Module:
+    """The network a run with `config` trains (before its weights are loaded), after `grown` growths."""
+    overrides = {k: (tuple(config[k]) if k in ("units", "channels") else config[k])
+                 for k in ("units", "channels", "h") if config.get(k) is not None}
+    model = build_model(config["model"], num_classes=num_classes, in_channels=in_channels,
+                        memory_efficient=not config.get("plain", False), **overrides)
+    if grown:
+        from .multilevel import grow
+        for _ in range(grown):
+            model = grow(model)
+    return model
+
+
+def growths(config: dict, epoch: int) -> int:
+    """How many times a run has grown its network by the end of `epoch` completed epochs."""
+    return sum(g < epoch for g in config.get("grow_at") or ())
+
+
+def load_state(model: nn.Module, state: dict, path: str | os.PathLike) -> None:
+    """`model.load_state_dict(state)`, with a ValueError naming the file and the mismatch."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        details = " ".join(line.strip() for line in str(e).splitlines()[1:])[:500]
+        raise ValueError(f"{path} does not match the model: {details}") from None
+
+
+def load_model(path: str | os.PathLike, device="cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint was saved from and load its weights: (model in eval mode, config)."""
+    ckpt = load(path)
+    state, config = ckpt["model"], ckpt["config"]
+    if not isinstance(config, dict) or "model" not in config:
+        raise ValueError(f"{path} has no model name in its config")
+    try:
+        num_classes, in_channels = state["head.weight"].shape[0], state["stem.0.weight"].shape[1]
+        model = model_from_config(config, num_classes, in_channels, growths(config, ckpt["epoch"]))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path} does not describe a revnets network (missing {e})") from None
+    load_state(model, state, path)
+    return model.to(device).eval(), config
