@@ -19,11 +19,14 @@ def main() -> None:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--amp", choices=["bfloat16", "float16"])
     p.add_argument("--plain", action="store_true", help="plain autograd instead of the memory-efficient engine")
+    p.add_argument("--units", type=int, nargs="+", help="blocks per unit (default: the model's)")
+    p.add_argument("--channels", type=int, nargs="+", help="channels per unit (default: the model's)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--device", default="cuda" if gpu else "cpu")
     p.add_argument("--rows", type=int, default=25)
     args = p.parse_args()
-    model = build(args.model, "plain" if args.plain else "reversible").to(args.device)
+    overrides = {k: tuple(v) for k, v in (("units", args.units), ("channels", args.channels)) if v}
+    model = build(args.model, "plain" if args.plain else "reversible", **overrides).to(args.device)
     x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
     y = torch.randint(0, 10, (args.batch,), device=args.device)
     if args.channels_last:
