@@ -1,0 +1,387 @@
+"""Dataset readers on small files written in the real formats, subsets, statistics and the Loader."""
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from revnets import data
+
+SHARED_CIFAR10 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpg.tar.xz"
+
+
+# ---- CIFAR ----
+
+def _cifar_members(name: str, rng) -> tuple[dict[str, bytes], dict]:
+    """Members of a small CIFAR archive as the original (Python 2) pickles: bytes keys and names."""
+    _, folder, train_members, test_member, meta_member, label_key, names_key, _ = data.CIFAR[name]
+    n_classes = 10 if name == "cifar10" else 100
+    members, expected = {}, {"train_x": [], "train_y": []}
+    for member, n in [*((m, 3) for m in train_members), (test_member, 4)]:
+        x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        y = [int(v) for v in rng.integers(0, n_classes, n)]
+        batch = {b"data": x, label_key.encode(): y, b"batch_label": b"whatever"}
+        if name == "cifar100":
+            batch[b"coarse_labels"] = [0] * n
+        members[f"{folder}/{member}"] = pickle.dumps(batch, protocol=2)
+        split = "test" if member == test_member else "train"
+        expected.setdefault(f"{split}_x", []).append(x.reshape(n, 3, 32, 32))
+        expected.setdefault(f"{split}_y", []).extend(y)
+    names = [f"class{i}".encode() for i in range(n_classes)]
+    members[f"{folder}/{meta_member}"] = pickle.dumps({names_key.encode(): names}, protocol=2)
+    return members, {"train_x": np.concatenate(expected["train_x"]), "train_y": expected["train_y"],
+                     "test_x": np.concatenate(expected["test_x"]), "test_y": expected["test_y"],
+                     "classes": [n.decode() for n in names]}
+
+
+def _tar_gz(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for member, raw in members.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+@pytest.mark.parametrize("packed", [True, False])
+def test_cifar_reads_archive_and_extracted_folder(tmp_path, name, packed):
+    members, expected = _cifar_members(name, np.random.default_rng(0))
+    if packed:
+        (tmp_path / data.CIFAR[name][0]).write_bytes(_tar_gz(members))
+    else:
+        for member, raw in members.items():
+            (tmp_path / member).parent.mkdir(exist_ok=True)
+            (tmp_path / member).write_bytes(raw)
+    d = data.load_dataset(name, tmp_path)
+    assert d.train_x.dtype == torch.uint8 and d.train_y.dtype == torch.int64 and d.padding == 4
+    assert d.train_x.shape == (3 * len(data.CIFAR[name][2]), 3, 32, 32) and d.test_x.shape == (4, 3, 32, 32)
+    np.testing.assert_array_equal(d.train_x.numpy(), expected["train_x"])
+    np.testing.assert_array_equal(d.test_x.numpy(), expected["test_x"])
+    assert d.train_y.tolist() == expected["train_y"] and d.test_y.tolist() == expected["test_y"]
+    assert d.classes == expected["classes"]
+
+
+def test_cifar_missing_archive_says_where_to_put_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"cifar-100-python\.tar\.gz.*--download") as e:
+        data.load_dataset("cifar100", tmp_path)
+    assert str(tmp_path) in str(e.value)
+
+
+def test_cifar_refuses_pickled_code(tmp_path):
+    members, _ = _cifar_members("cifar10", np.random.default_rng(0))
+    members["cifar-10-batches-py/test_batch"] = b"cos\nsystem\n(S'echo owned'\ntR."
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(_tar_gz(members))
+    with pytest.raises(ValueError, match="refusing to unpickle os.system"):
+        data.load_dataset("cifar10", tmp_path)
+
+
+def _fake_download(monkeypatch, payload: bytes) -> list[str]:
+    urls = []
+
+    def urlopen(url):
+        urls.append(url)
+        return io.BytesIO(payload)
+    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    return urls
+
+
+def test_cifar_download_verifies_md5(tmp_path, monkeypatch):
+    members, expected = _cifar_members("cifar10", np.random.default_rng(0))
+    archive = _tar_gz(members)
+    urls = _fake_download(monkeypatch, archive)
+    with pytest.raises(ValueError, match="corrupt: MD5 .*expected c58f30108f718f92721af3b95e74349a"):
+        data.load_dataset("cifar10", tmp_path, download=True)
+    assert urls == ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"]
+    assert list(tmp_path.iterdir()) == []  # neither the archive nor a temporary file is left
+
+    spec = list(data.CIFAR["cifar10"])
+    spec[-1] = hashlib.md5(archive).hexdigest()
+    monkeypatch.setitem(data.CIFAR, "cifar10", tuple(spec))
+    d = data.load_dataset("cifar10", tmp_path / "new", download=True)
+    assert (tmp_path / "new" / "cifar-10-python.tar.gz").read_bytes() == archive
+    np.testing.assert_array_equal(d.test_x.numpy(), expected["test_x"])
+
+
+def test_cifar_download_without_network_is_a_clear_error(tmp_path, monkeypatch):
+    def urlopen(url):
+        raise data.urllib.error.URLError("no route to host")
+    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    with pytest.raises(FileNotFoundError, match="cannot download .*no route to host.*cifar-10-python.tar.gz"):
+        data.load_dataset("cifar10", tmp_path, download=True)
+
+
+# ---- STL-10 ----
+
+def test_stl10_binary(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "stl10_binary"
+    folder.mkdir()
+    images = {}
+    for split, n in [("train", 3), ("test", 2)]:
+        images[split] = rng.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8)  # (N, C, row, column)
+        (folder / f"{split}_X.bin").write_bytes(images[split].transpose(0, 1, 3, 2).tobytes())  # column-major
+        (folder / f"{split}_y.bin").write_bytes(np.array([1, 10, 5][:n], np.uint8).tobytes())
+    (folder / "class_names.txt").write_text("\n".join(f"c{i}" for i in range(10)) + "\n")
+    d = data.load_dataset("stl10", tmp_path)
+    np.testing.assert_array_equal(d.train_x.numpy(), images["train"])
+    np.testing.assert_array_equal(d.test_x.numpy(), images["test"])
+    assert d.train_y.tolist() == [0, 9, 4] and d.test_y.tolist() == [0, 9]
+    assert d.classes == [f"c{i}" for i in range(10)] and d.padding == 12
+
+    (folder / "test_y.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="test_y.bin not found: extract stl10_binary.tar.gz"):
+        data.load_dataset("stl10", tmp_path)
+
+
+# ---- image folders ----
+
+def _image(root: Path, name: str, pixels: np.ndarray) -> None:
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(root / name, quality=95)
+
+
+def test_folder_png_and_jpg(tmp_path):
+    rng = np.random.default_rng(0)
+    png = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    _image(tmp_path, "train/dog/b.png", png)
+    _image(tmp_path, "train/dog/a.JPG", np.full((6, 5, 3), 200, np.uint8))
+    _image(tmp_path, "train/cat/x.jpeg", np.full((6, 5, 3), 50, np.uint8))
+    (tmp_path / "train/cat/notes.txt").write_text("ignored")
+    _image(tmp_path, "test/dog/c.png", png[::-1].copy())
+    d = data.load_dataset("folder", tmp_path)
+    assert d.classes == ["cat", "dog"] and d.padding == 4
+    assert d.train_x.shape == (3, 3, 6, 5) and d.test_x.shape == (1, 3, 6, 5)
+    assert d.train_y.tolist() == [0, 1, 1] and d.test_y.tolist() == [1]
+    np.testing.assert_array_equal(d.train_x[2].numpy(), png.transpose(2, 0, 1))  # PNG is lossless
+    assert abs(d.train_x[1].float().mean().item() - 200) < 3  # JPEG nearly so
+
+
+def test_folder_grey_and_mixed(tmp_path):
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    _image(tmp_path, "train/a/0.png", grey)
+    _image(tmp_path, "test/a/0.png", grey)
+    d = data.load_dataset("folder", tmp_path)
+    assert d.train_x.shape == (1, 1, 3, 4)
+    np.testing.assert_array_equal(d.train_x[0, 0].numpy(), grey)
+
+    _image(tmp_path, "test/a/1.png", np.zeros((3, 4, 3), np.uint8))  # one colour image: everything is RGB
+    d = data.load_dataset("folder", tmp_path)
+    assert d.train_x.shape == (1, 3, 3, 4) and d.test_x.shape == (2, 3, 3, 4)
+    np.testing.assert_array_equal(d.train_x[0].numpy(), np.stack([grey] * 3))
+
+
+def test_folder_images_of_a_split_share_a_size(tmp_path):
+    _image(tmp_path, "train/a/0.png", np.zeros((4, 4), np.uint8))
+    _image(tmp_path, "train/b/odd.png", np.zeros((4, 5), np.uint8))
+    _image(tmp_path, "test/a/0.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"odd.png is 5x4 but .*0.png is 4x4"):
+        data.load_dataset("folder", tmp_path)
+
+
+def test_folder_cache_skips_decoding_until_files_change(tmp_path, monkeypatch):
+    for i in range(3):
+        _image(tmp_path, f"train/a/{i}.png", np.full((4, 4), i, np.uint8))
+    _image(tmp_path, "test/a/0.png", np.zeros((4, 4), np.uint8))
+    first = data.load_dataset("folder", tmp_path)
+    assert (tmp_path / ".revnets-cache.npz").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although cached")
+    with monkeypatch.context() as m:
+        m.setattr(Image, "open", no_decoding)
+        cached = data.load_dataset("folder", tmp_path)
+        assert torch.equal(cached.train_x, first.train_x) and torch.equal(cached.test_y, first.test_y)
+
+        os.utime(tmp_path / "train/a/1.png", ns=(0, 0))  # a changed file invalidates the cache
+        with pytest.raises(AssertionError, match="decoded although cached"):
+            data.load_dataset("folder", tmp_path)
+    _image(tmp_path, "train/a/3.png", np.full((4, 4), 3, np.uint8))  # and so does a new one
+    assert len(data.load_dataset("folder", tmp_path).train_x) == 4
+
+
+def test_folder_cache_falls_back_to_user_cache_when_root_is_read_only(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    _image(root, "train/a/0.png", np.zeros((4, 4), np.uint8))
+    _image(root, "test/a/0.png", np.zeros((4, 4), np.uint8))
+    write = data._atomic_write
+
+    def read_only_root(path, fn):
+        if path.parent == root:
+            raise PermissionError(f"read-only: {path}")
+        write(path, fn)
+    monkeypatch.setattr(data, "_atomic_write", read_only_root)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data.load_dataset("folder", root)
+    assert not (root / ".revnets-cache.npz").exists() and len(list((tmp_path / "cache/revnets").iterdir())) == 1
+    monkeypatch.setattr(Image, "open", None)  # the second load reads the user's cache
+    assert data.load_dataset("folder", root).train_x.shape == (1, 1, 4, 4)
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="folder dataset needs a data directory"):
+        data.load_dataset("folder")
+    with pytest.raises(FileNotFoundError, match=r"train not found: expected ROOT/train/<class>"):
+        data.load_dataset("folder", tmp_path / "missing")
+    _image(tmp_path, "train/a/0.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(FileNotFoundError, match=r"test not found"):
+        data.load_dataset("folder", tmp_path)
+    _image(tmp_path, "test/b/0.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"has classes \['b'\] that .*train lacks"):
+        data.load_dataset("folder", tmp_path)
+
+
+def test_shared_cifar10_jpeg_archive(tmp_path):
+    """The shared CIFAR-10 JPEG copy: reuse /tmp/cifar10 when extracted there (with its cache), else extract."""
+    root = Path("/tmp/cifar10")
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        if not SHARED_CIFAR10.is_file():
+            pytest.skip(f"{SHARED_CIFAR10} absent and /tmp/cifar10 not extracted")
+        with tarfile.open(SHARED_CIFAR10) as tar:
+            tar.extractall(tmp_path, filter="data")
+        root = tmp_path
+    d = data.load_dataset("folder", root)
+    assert d.train_x.shape == (50_000, 3, 32, 32) and d.test_x.shape == (10_000, 3, 32, 32)
+    assert d.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert d.train_y.bincount().tolist() == [5000] * 10 and d.test_y.bincount().tolist() == [1000] * 10
+    mean, _ = data.channel_stats(d.train_x)
+    torch.testing.assert_close(mean, torch.tensor([0.4914, 0.4822, 0.4465]), atol=1e-3, rtol=0)
+
+
+# ---- digits and names ----
+
+def test_digits():
+    d = data.load_dataset("digits")
+    assert d.train_x.shape == (1437, 1, 8, 8) and d.test_x.shape == (360, 1, 8, 8) and d.padding == 1
+    assert d.train_x.dtype == torch.uint8 and int(d.train_x.max()) == 255 and int(d.train_x.min()) == 0
+    assert d.classes == [str(i) for i in range(10)]
+    assert d.test_y.bincount().min() >= 35 and d.test_y.bincount().max() <= 37  # stratified
+    assert torch.equal(data.load_dataset("digits").test_x, d.test_x)  # a fixed split
+
+
+def test_unknown_dataset_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'; expected one of cifar10, cifar100, stl10, folder"):
+        data.load_dataset("mnist")
+
+
+# ---- subsets and statistics ----
+
+def test_stratified_subset():
+    labels = torch.tensor([0] * 500 + [1] * 300 + [2] * 200)[torch.randperm(1000, generator=torch.Generator().manual_seed(0))]
+    idx = data.stratified_subset(labels, 0.1, seed=3)
+    assert idx.dtype == torch.int64 and torch.equal(idx, idx.unique())  # sorted, no repeats
+    assert labels[idx].bincount().tolist() == [50, 30, 20]
+    assert torch.equal(idx, data.stratified_subset(labels, 0.1, seed=3))
+    assert not torch.equal(idx, data.stratified_subset(labels, 0.1, seed=4))
+    assert torch.equal(data.stratified_subset(labels, 1.0, seed=0), torch.arange(1000))
+    assert labels[data.stratified_subset(labels, 0.005, seed=0)].bincount().tolist() == [3, 1, 1]  # 2.5, 1.5, 1
+    assert len(data.stratified_subset(labels, 1e-6, seed=0)) == 1
+    for fraction in (0, -0.5, 1.5):
+        with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
+            data.stratified_subset(labels, fraction, seed=0)
+
+
+def test_channel_stats():
+    x = torch.randint(0, 256, (7, 3, 5, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = data.channel_stats(x)
+    reference = x.double().div(255).transpose(0, 1).flatten(1)
+    assert mean.shape == (3,) and mean.dtype == torch.float32
+    torch.testing.assert_close(mean, reference.mean(1).float())
+    torch.testing.assert_close(std, reference.std(1, correction=0).float())
+
+
+# ---- Loader ----
+
+def _loader(x, y, batch_size, **kw):
+    kw = {"mean": [0.5] * x.shape[1], "std": [0.25] * x.shape[1], "device": "cpu", "train": True, **kw}
+    return data.Loader(x, y, batch_size, **kw)
+
+
+def _batches(loader, epoch=0):
+    loader.set_epoch(epoch)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def test_eval_loader_standardises_in_order():
+    x = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    loader = _loader(x, torch.arange(10), 4, train=False, mean=[0.1, 0.2, 0.3], std=[0.2, 0.3, 0.4])
+    batches = _batches(loader)
+    assert len(loader) == 3 and [len(y) for _, y in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat([y for _, y in batches]), torch.arange(10))
+    expected = (x.float() / 255 - torch.tensor([0.1, 0.2, 0.3]).view(3, 1, 1)) / torch.tensor([0.2, 0.3, 0.4]).view(3, 1, 1)
+    torch.testing.assert_close(torch.cat([x for x, _ in batches]), expected)
+    assert batches[0][0].dtype == torch.float32
+
+
+def test_crop_flip():
+    x = torch.arange(2 * 1 * 3 * 3, dtype=torch.uint8).view(2, 1, 3, 3)
+    out = data.crop_flip(x, torch.tensor([[0, 2], [1, 2]]), torch.tensor([False, True]), padding=1)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    assert torch.equal(out[0], padded[0, :, 0:3, 1:4]) and torch.equal(out[1], padded[1, :, 2:5, 2:5].flip(-1))
+    assert torch.equal(data.crop_flip(x, torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, dtype=torch.bool), 0), x)
+
+
+def test_train_loader_crops_and_flips_vary_and_repeat():
+    n, p = 64, 2
+    image = torch.arange(1, 2 * 6 * 6 + 1, dtype=torch.uint8).view(1, 2, 6, 6)  # distinct nonzero pixels
+    loader = _loader(image.expand(n, -1, -1, -1), torch.zeros(n, dtype=torch.long), 16, padding=p, seed=7)
+    epoch0 = _batches(loader, 0)
+    assert len(loader) == 4 and all(x.shape == (16, 2, 6, 6) and y.shape == (16,) for x, y in epoch0)
+
+    padded = torch.nn.functional.pad(image[0], (p, p, p, p))
+    candidates = {(i, j, f): ((c.flip(-1) if f else c).float() / 255 - 0.5) / 0.25
+                  for i in range(2 * p + 1) for j in range(2 * p + 1) for f in (False, True)
+                  for c in [padded[:, i:i + 6, j:j + 6]]}
+    seen = [next(k for k, c in candidates.items() if torch.allclose(c, s, atol=1e-5)) for x, _ in epoch0 for s in x]
+    assert len({(i, j) for i, j, _ in seen}) >= 15 and {f for *_, f in seen} == {False, True}
+
+    again = _batches(_loader(image.expand(n, -1, -1, -1), torch.zeros(n, dtype=torch.long), 16, padding=p, seed=7), 0)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch0, again))  # the same (seed, epoch): the same batches
+    assert not torch.equal(torch.cat([x for x, _ in epoch0]), torch.cat([x for x, _ in _batches(loader, 1)]))
+
+
+def test_train_loader_shuffles_by_seed_and_epoch_and_drops_the_last_partial_batch():
+    y = torch.arange(10)
+    x = torch.zeros(10, 1, 2, 2, dtype=torch.uint8)
+    order = lambda seed, epoch: torch.cat([b for _, b in _batches(_loader(x, y, 4, seed=seed), epoch)])
+    assert len(order(0, 0)) == 8 and len(order(0, 0).unique()) == 8
+    assert torch.equal(order(0, 1), order(0, 1)) and not torch.equal(order(0, 0), order(0, 1))
+    assert not torch.equal(order(0, 0), order(1, 0))
+    small = _loader(x[:3], y[:3], 4)  # a split smaller than one batch is one batch
+    assert len(small) == 1 and sorted(torch.cat([b for _, b in small]).tolist()) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_rank_shares_concatenate_to_the_single_process_batch(train, world_size):
+    x = torch.randint(0, 256, (30, 3, 5, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(30)
+    single = _batches(_loader(x, y, 8, train=train, padding=2, seed=5), epoch=3)
+    shards = [_batches(_loader(x, y, 8, train=train, padding=2, seed=5, rank=r, world_size=world_size), epoch=3)
+              for r in range(world_size)]
+    assert all(len(s) == len(single) for s in shards)
+    for i, (bx, by) in enumerate(single):
+        assert torch.equal(torch.cat([s[i][0] for s in shards]), bx)
+        assert torch.equal(torch.cat([s[i][1] for s in shards]), by)
+        if len(by) == 8:
+            assert all(len(s[i][1]) == 8 // world_size for s in shards)
+
+
+def test_loader_bad_inputs():
+    x, y = torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="multiple of the world size 4"):
+        _loader(x, y, 6, world_size=4)
+    with pytest.raises(ValueError, match=r"rank 2 must be in \[0, 2\)"):
+        _loader(x, y, 4, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        _loader(x.float(), y, 4)
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        _loader(x, y[:3], 4)
