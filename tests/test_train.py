@@ -1,0 +1,154 @@
+"""`revnets train`: the run directory, kill-and-resume, clear refusals, the recipe's defaults."""
+import csv
+import json
+import re
+
+import pytest
+import torch
+
+from revnets import checkpoint, cli, data, progress, train
+
+TINY = ["--model", "hamiltonian-74", "--units", "1", "1", "1", "--channels", "8", "16", "32",
+        "--batch-size", "200"]
+
+
+def _run(tmp_path, *flags, on_epoch=None):
+    config = train.parse_config([*TINY, "--out", str(tmp_path), *flags])
+    return train.train(config, on_epoch=on_epoch)
+
+
+def _metrics(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_epoch_digits_run_writes_every_file(tmp_path, capsys):
+    run = tmp_path / "run"
+    summary = _run(run, "--epochs", "2", "--schedule", "cosine", "--lr", "0.2")
+    assert sorted(p.name for p in run.iterdir()) == sorted(train.RUN_FILES)
+    config = json.loads((run / "config.json").read_text())
+    assert config["epochs"] == 2 and config["units"] == [1, 1, 1] and config["weight_decay"] == 2e-4
+    assert config["versions"]["torch"] == torch.__version__ and "revnets" in config["versions"]
+    rows = _metrics(run)
+    assert [r["epoch"] for r in rows] == ["1", "2"] and tuple(rows[0]) == progress.FIELDS
+    assert all(float(r[k]) > 0 for r in rows for k in progress.FIELDS)
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert summary["final_acc"] == float(rows[-1]["test_acc"]) and summary["best_acc"] >= summary["final_acc"]
+    assert summary["params"] > 0 and summary["wall_s"] > 0 and summary["peak_mb"] > 0
+    # best.pt holds the weights that scored best_acc
+    model, _ = checkpoint.load_model(run / "best.pt")
+    ds = data.load_dataset("digits")
+    mean, std = data.channel_stats(ds.train_x)
+    test = data.Loader(ds.test_x, ds.test_y, 100, mean=mean, std=std, device="cpu", train=False)
+    with torch.no_grad():
+        correct = sum((model(x).argmax(1) == y).sum().item() for x, y in test)
+    assert correct / len(ds.test_y) == pytest.approx(summary["best_acc"])
+    out = capsys.readouterr().out.splitlines()  # not a TTY: no bar, one line per epoch
+    assert out[0].startswith("revnets train:") and str(run) in out[0]
+    assert [line.split()[1] for line in out[1:3]] == ["1/2", "2/2"] and f"results in {run}/" in out[-1]
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_after(epoch):
+    def on_epoch(row):
+        if row["epoch"] == epoch:
+            raise Killed
+    return on_epoch
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "step"])
+def test_killed_run_resumes_to_the_uninterrupted_result_bitwise(tmp_path, schedule):
+    flags = ["--epochs", "3", "--schedule", schedule, "--milestones", "2", "--seed", "3"]
+    whole = _run(tmp_path / "whole", *flags)
+    with pytest.raises(Killed):
+        _run(tmp_path / "killed", *flags, on_epoch=_kill_after(1))
+    assert len(_metrics(tmp_path / "killed")) == 1 and not (tmp_path / "killed" / "summary.json").exists()
+    resumed = train.train(train.parse_config(["--resume", str(tmp_path / "killed")]))
+    a, b = checkpoint.load(tmp_path / "whole" / "last.pt"), checkpoint.load(tmp_path / "killed" / "last.pt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
+        assert [r[key] for r in _metrics(tmp_path / "whole")] == [r[key] for r in _metrics(tmp_path / "killed")]
+    assert resumed["final_acc"] == whole["final_acc"] and resumed["best_acc"] == whole["best_acc"]
+
+
+def test_resume_with_the_same_flags_continues_and_other_flags_are_refused(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        _run(run, "--epochs", "2", on_epoch=_kill_after(1))
+    with pytest.raises(ValueError, match=r"different settings: epochs=2"):
+        train.parse_config([*TINY, "--epochs", "3", "--resume", str(run)])
+    with pytest.raises(ValueError, match="already holds a run"):
+        _run(run, "--epochs", "2")
+    config = train.parse_config([*TINY, "--epochs", "2", "--out", str(run), "--resume", str(run)])
+    assert train.train(config)["epochs"] == 2 and len(_metrics(run)) == 2
+
+
+def test_corrupt_or_mismatched_checkpoint_is_refused_on_resume(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        _run(run, "--epochs", "2", on_epoch=_kill_after(1))
+    good = (run / "last.pt").read_bytes()
+    (run / "last.pt").write_bytes(good[:1000])
+    with pytest.raises(ValueError, match="last.pt is not a readable checkpoint"):
+        train.train(train.parse_config(["--resume", str(run)]))
+    (run / "last.pt").write_bytes(good)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "lr": 0.5}))
+    with pytest.raises(ValueError, match=r"last.pt was saved by a run with other settings: lr=0.1 \(now 0.5\)"):
+        train.train(train.parse_config(["--resume", str(run)]))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "resnet-33"], "unknown model 'resnet-33'; valid names: resnet-32,"),
+    (["--train-fraction", "0"], r"--train-fraction must lie in \(0, 1\]; got 0.0"),
+    (["--train-fraction", "1.5"], r"--train-fraction must lie in \(0, 1\]; got 1.5"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "--data-dir /nonexistent/cifar does not exist"),
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'; expected one of cifar10,"),
+    (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: no last.pt"),
+    (["--epochs", "4", "--grow-at", "4"], r"--grow-at epochs must lie in \[1, 4\)"),
+])
+def test_bad_flags_end_with_one_line_and_exit_code_2(argv, message, capsys):
+    assert cli.main(["train", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1
+    assert captured.err.startswith("revnets train: error: ")
+    assert re.search(message, captured.err), captured.err
+
+
+def test_dataset_recipe_fills_only_the_flags_not_given():
+    cifar, stl = train.Config(dataset="cifar10"), train.Config(dataset="stl10", batch_size=64)
+    assert (cifar.batch_size, cifar.milestones, cifar.weight_decay, cifar.smoothness, cifar.epochs) == \
+        (100, (80, 120, 160), 2e-4, 2e-4, 160)
+    assert (stl.batch_size, stl.milestones, stl.weight_decay, stl.smoothness) == (64, (60, 80, 100), 5e-4, 3e-4)
+    assert (cifar.lr, cifar.momentum, cifar.schedule) == (0.1, 0.9, "step")
+    assert train.parse_config(["--dataset", "stl10", "--weight-decay", "0"]).weight_decay == 0
+
+
+def test_step_schedule_divides_by_ten_at_the_milestones(tmp_path):
+    _run(tmp_path, "--epochs", "3", "--milestones", "1", "2", "--lr", "0.05")
+    assert [float(r["lr"]) for r in _metrics(tmp_path)] == pytest.approx([0.05, 0.005, 0.0005])
+
+
+@pytest.mark.parametrize("flags", [["--amp", "bf16", "--channels-last"], ["--amp", "fp16", "--plain"]])
+def test_mixed_precision_and_channels_last_run_on_cpu(tmp_path, flags):
+    summary = _run(tmp_path, "--epochs", "1", "--train-fraction", "0.3", *flags)
+    assert 0 <= summary["final_acc"] <= 1 and summary["final_loss"] == summary["final_loss"]  # not NaN
+
+
+def test_train_fraction_trains_on_the_stratified_subset(tmp_path, capsys):
+    _run(tmp_path, "--epochs", "1", "--train-fraction", "0.1")
+    assert "(144 train / 360 test images)" in capsys.readouterr().out
+
+
+def test_metrics_csv_keeps_rows_up_to_an_epoch_and_tensorboard_is_optional(tmp_path):
+    metrics = progress.MetricsCSV(tmp_path / "metrics.csv", ("epoch", "loss"))
+    for e in (1, 2, 3):
+        metrics.append({"epoch": e, "loss": 1 / e})
+    metrics.keep_until(2)
+    assert [r["epoch"] for r in metrics.read()] == ["1", "2"]
+    if progress.importlib.util.find_spec("tensorboard") is None:
+        assert progress.tensorboard_writer(tmp_path) is None
