@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-from common import build, markdown, train_step
+from common import build, markdown, record, train_step
 
 CONV = ("convolution", "conv")
 
@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--amp", choices=["bfloat16", "float16"])
     p.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s")
     p.add_argument("--flops", type=float, default=7.9e14, help="FLOP/s of the matrix units")
+    p.add_argument("--record", action="store_true")
     args = p.parse_args()
     rows = []
     for name in args.models:
@@ -68,10 +69,14 @@ def main() -> None:
                       "us_bytes_conv": 1e6 * row["mb_conv"] * 2**20 / args.bandwidth}
             row.update(floors, img_per_s_floor=1e6 / max(floors.values()))
             rows.append(row)
-    print(markdown(rows, ["model", "mode", "gflop", "mb_all", "mb_conv", "us_flops", "us_bytes_all",
-                          "us_bytes_conv", "img_per_s_floor"]))
-    print("\nPer image. us_*: microseconds at the given rates; img_per_s_floor: images/s if the step took only "
-          "the largest of the three times (the unfused eager floor).")
+    table = markdown(rows, ["model", "mode", "gflop", "mb_all", "mb_conv", "us_flops", "us_bytes_all",
+                            "us_bytes_conv", "img_per_s_floor"])
+    notes = (f"Counted, not timed. Per image, {args.amp or 'fp32'}, {args.size}x{args.size} inputs. us_*: microseconds "
+             f"at {args.bandwidth:.2g} B/s and {args.flops:.2g} FLOP/s; img_per_s_floor: images/s if the step took "
+             "only the largest of the three times (the unfused eager floor).")
+    print(table + "\n\n" + notes)
+    if args.record:
+        record("Floors of a training step (bytes and FLOPs per image)", "cpu", table, notes)
 
 
 if __name__ == "__main__":
