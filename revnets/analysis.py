@@ -1,0 +1,289 @@
+"""Stability of reversible blocks (Section 3): Jacobian spectra, growth through depth, reversal drift.
+
+A block is one step of size h of an ODE  x' = F(x)  (Eq. 3). The continuous system of each scheme:
+
+    Hamiltonian, Eq. (7)-(8), x = (Y, Z):   F = ( K1^T s(K1 Z + b1), -K2^T s(K2 Y + b2) )
+    Leapfrog, Eq. (16) as a first-order system, x = (Y, V = Y'):   F = ( V, -K^T s(K Y + b) )
+    MidPoint, Eq. (13), x = Y:              F = s((K - K^T) Y + b)
+    RevNet coupling, Eq. (19), x = (Y, Z):  F = ( F(Z), G(Y) )   (h = 1 folded into F and G)
+
+Its Jacobian J = dF/dx at the block's input (Eq. 9, Eq. 14) decides stability: perturbations grow
+like exp(lambda t) (Eq. 4), with lambda bounded by max Re(eig J) (Eq. 5). The paper proves the
+eigenvalues purely imaginary for the three stable schemes (Appendix); an unconstrained coupling
+has eigenvalues +-sqrt(eig(F' G')), real and positive in general.
+
+Measurements here, all in float64 unless a dtype is asked for:
+  * `eigenvalues`: the exact spectrum from the dense Jacobian (small states);
+    `ritz_values`: Arnoldi iteration with Jacobian-vector products only (large states);
+  * `growth`: ||dx_N|| / ||dx_0|| through N blocks by forward-mode differentiation (Eq. 4);
+  * `eq21_roots`, `linear_revnet`: the linear analysis of Eq. (21);
+  * `reversal_drift`: relative error of rebuilding a chain's input by exact inversion, per dtype;
+  * `check_step_size`: the largest stable h of a model on given data, with a warning past it.
+"""
+import cmath
+import copy
+import math
+import warnings
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import jacrev, jvp
+
+from .blocks import AdditiveCoupling, HamiltonianBlock, LeapfrogBlock, MidPointBlock, ReversibleBlock
+from .drift import relative_error, reversal_error
+from .engine import _frozen_running_stats, invert, sequential
+from .networks import Network, ReversibleUnit
+
+__all__ = ["vector_field", "jacobian", "eigenvalues", "arnoldi", "ritz_values", "spectral_estimate", "growth",
+           "eq21_roots", "linear_revnet", "reversal_drift", "reversal_error", "block_inputs", "check_step_size",
+           "STABILITY_BOUND"]
+
+Field = Callable[[Tensor], Tensor]
+
+# Largest h * |lambda| for which the block's step is stable on x' = J x with imaginary eig(J):
+# Verlet / leapfrog on a second-order system need h * omega < 2 (Eq. 21 with alpha beta = -(h omega)^2);
+# the midpoint rule Y_{j+1} = Y_{j-1} + 2h J Y_j has roots xi = i h omega +- sqrt(1 - (h omega)^2): h omega < 1.
+STABILITY_BOUND: dict[type, float] = {HamiltonianBlock: 2.0, LeapfrogBlock: 2.0, MidPointBlock: 1.0}
+
+
+def vector_field(block: ReversibleBlock, a: Tensor, b: Tensor) -> tuple[Field, Tensor]:
+    """The right-hand side F of the block's ODE and the point x where the block's input (a, b) sits.
+
+    (a, b): the block's state pair, each (N, C, H, W). x: (N, C', H, W) with C' = 2C for the
+    Hamiltonian, Leapfrog and RevNet systems, C' = C for MidPoint; F maps x's shape to itself.
+    The Leapfrog velocity is the discrete one, (Y_j - Y_{j-1}) / h; J does not depend on it.
+    """
+    if isinstance(block, HamiltonianBlock):
+        def field(x: Tensor) -> Tensor:
+            y, z = x.chunk(2, dim=1)
+            return torch.cat((block.k1(z, 1.0), block.k2(y, -1.0)), dim=1)
+        return field, torch.cat((a, b), dim=1)
+    if isinstance(block, LeapfrogBlock):
+        def field(x: Tensor) -> Tensor:
+            y, v = x.chunk(2, dim=1)
+            return torch.cat((v, block.f(y, -1.0)), dim=1)
+        return field, torch.cat((b, (b - a) / block.h), dim=1)
+    if isinstance(block, MidPointBlock):
+        return block.f, b
+    if isinstance(block, AdditiveCoupling):
+        def field(x: Tensor) -> Tensor:
+            y, z = x.chunk(2, dim=1)
+            return torch.cat((block.f(z), block.g(y)), dim=1)
+        return field, torch.cat((a, b), dim=1)
+    raise ValueError(f"expected a HamiltonianBlock, LeapfrogBlock, MidPointBlock or AdditiveCoupling; "
+                     f"got {type(block).__name__}")
+
+
+def jacobian(field: Field, x: Tensor) -> Tensor:
+    """Dense Jacobian dF/dx at x, (n, n) with n = x.numel() (the batch's samples form diagonal blocks)."""
+    return jacrev(lambda v: field(v.view_as(x)).flatten())(x.flatten())
+
+
+def eigenvalues(block: ReversibleBlock, a: Tensor, b: Tensor) -> Tensor:
+    """Exact eigenvalues of J (Eq. 9, Eq. 14) at the block's input, (n,) complex128.
+
+    Computed in float64 on a copy of the block from the dense Jacobian: use for n up to a few
+    thousand (a batch of one image). With ReLU, J has Jordan blocks at 0, so rounding can move the
+    zero eigenvalues off the axis by ~1e-8; smooth activations give ~1e-15.
+    """
+    block = copy.deepcopy(block).double()
+    field, x = vector_field(block, a.double(), b.double())
+    with torch.no_grad():
+        return torch.linalg.eigvals(jacobian(field, x))
+
+
+def arnoldi(matvec: Callable[[Tensor], Tensor], v0: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """Ritz values of `steps` Arnoldi iterations and their residual norms ||A q - theta q|| (||q|| = 1).
+
+    `matvec` maps an (n,) vector to A times it; v0: (n,) start vector. Gram-Schmidt runs twice per
+    step. Stops early on an invariant subspace (then the Ritz values are exact eigenvalues).
+    Returns (values (m,) complex, residuals (m,) real), m <= steps.
+    """
+    n = v0.numel()
+    steps = min(steps, n)
+    q = v0.new_zeros(steps + 1, n)
+    hess = v0.new_zeros(steps + 1, steps)
+    q[0] = v0 / v0.norm()
+    m = steps
+    for k in range(steps):
+        w = matvec(q[k])
+        for _ in range(2):
+            c = q[: k + 1] @ w
+            w = w - q[: k + 1].T @ c
+            hess[: k + 1, k] += c
+        hess[k + 1, k] = w.norm()
+        if hess[k + 1, k] <= 1e-12 * hess[: k + 2, k].norm():
+            m = k + 1
+            break
+        q[k + 1] = w / hess[k + 1, k]
+    values, vectors = torch.linalg.eig(hess[:m, :m])
+    return values, hess[m, m - 1].abs() * vectors[-1].abs()
+
+
+def ritz_values(block: ReversibleBlock, a: Tensor, b: Tensor, steps: int = 60,
+                seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Arnoldi on J at the block's input using only Jacobian-vector products (`torch.func.jvp`), float64.
+
+    Returns (values, residuals) as `arnoldi`. The extreme eigenvalues (largest |lambda|) converge
+    first; a Ritz value is trustworthy when its residual is small against |lambda|.
+    """
+    block = copy.deepcopy(block).double()
+    field, x = vector_field(block, a.double(), b.double())
+    v0 = torch.randn(x.numel(), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    def matvec(v: Tensor) -> Tensor:
+        return jvp(field, (x,), (v.view_as(x),))[1].flatten()
+
+    with torch.no_grad():
+        return arnoldi(matvec, v0, steps)
+
+
+def spectral_estimate(values: Tensor, residuals: Tensor | None = None, tol: float = 1e-6) -> dict[str, float]:
+    """Summary of a spectrum: spectral radius max|lambda| and max Re(lambda) (Eq. 5).
+
+    With `residuals` (Ritz values), max Re is taken over the converged values only (residual
+    <= tol * radius; NaN if none has); the radius over all of them (the extreme values converge first).
+    """
+    radius = values.abs().max().item()
+    if residuals is not None:
+        values = values[residuals <= tol * radius]
+    if not values.numel():
+        return {"radius": radius, "max_real": math.nan, "max_abs_real": math.nan}
+    return {"radius": radius, "max_real": values.real.max().item(), "max_abs_real": values.real.abs().max().item()}
+
+
+def _cast(blocks: Sequence[nn.Module], dtype: torch.dtype) -> list[nn.Module]:
+    """A copy of the chain in `dtype`; a block repeated in the chain stays one shared copy."""
+    blocks = copy.deepcopy(list(blocks))
+    for block in {id(b): b for b in blocks}.values():
+        block.to(dtype)
+    return blocks
+
+
+def _check_depths(depths: Sequence[int], length: int) -> list[int]:
+    depths = sorted(depths)
+    if not depths or depths[0] < 0 or depths[-1] > length:
+        raise ValueError(f"depths must lie in [0, {length}] (the chain's length); got {list(depths)}")
+    return depths
+
+
+def growth(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor, depths: Sequence[int],
+           seed: int = 0) -> list[float]:
+    """log(||dx_N|| / ||dx_0||) after N blocks, for each N in `depths` (Eq. 4), float64.
+
+    dx_0 is a random direction in the state (a, b), carried through `blocks[:N]` by Jacobian-vector
+    products (the exact linearisation, no finite differences); it is renormalised every block, so
+    the growth itself may exceed the float range. `[block] * N` gives time-invariant weights.
+    The per-block Lyapunov exponent is log growth / N; divide by h for Eq. (4)'s per unit time.
+    Returns natural logs, in sorted depth order; NaN once the state itself is no longer finite.
+    """
+    depths = _check_depths(depths, len(blocks))
+    blocks = _cast(blocks[: depths[-1]], torch.float64)
+    a, b = a.double(), b.double()
+    gen = torch.Generator().manual_seed(seed)
+    da, db = torch.randn(a.shape, generator=gen, dtype=a.dtype), torch.randn(b.shape, generator=gen, dtype=b.dtype)
+    norm = torch.cat((da.flatten(), db.flatten())).norm()
+    da, db, log_growth, done, out = da / norm, db / norm, 0.0, 0, []
+    with torch.no_grad():
+        for depth in depths:
+            for block in blocks[done:depth]:
+                (a, b), (da, db) = jvp(block, (a, b), (da, db))
+                norm = torch.cat((da.flatten(), db.flatten())).norm()
+                if not (torch.isfinite(a).all() and torch.isfinite(b).all() and torch.isfinite(norm)):
+                    return out + [math.nan] * (len(depths) - len(out))
+                da, db, log_growth = da / norm, db / norm, log_growth + math.log(norm.item())
+            done = depth
+            out.append(log_growth)
+    return out
+
+
+def eq21_roots(alpha: float, beta: float) -> tuple[complex, complex]:
+    """Roots of xi^2 - (2 + alpha beta) xi + 1 = 0 (Eq. 21): xi = a +- sqrt(a^2 - 1), a = 1 + alpha beta / 2.
+
+    Their product is 1, so |xi| = 1 for both exactly when -4 <= alpha beta <= 0 (|a| <= 1);
+    otherwise one root has |xi| > 1 and the linear RevNet grows like |xi|^N.
+    """
+    a = 1 + alpha * beta / 2
+    s = cmath.sqrt(a * a - 1)
+    return a + s, a - s
+
+
+class _Scale(nn.Module):
+    def __init__(self, c: float):
+        super().__init__()
+        self.c = c
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c * x
+
+
+def linear_revnet(alpha: float, beta: float) -> AdditiveCoupling:
+    """The linear RevNet of Eq. (21): Y_{j+1} = Y_j + beta Z_j, Z_{j+1} = Z_j + alpha Y_{j+1}."""
+    return AdditiveCoupling(_Scale(beta), _Scale(alpha))
+
+
+def reversal_drift(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor, depths: Sequence[int],
+                   dtype: torch.dtype = torch.float32) -> list[float]:
+    """||x~ - x|| / ||x|| for each N in `depths`: x = (a, b) run through `blocks[:N]` in `dtype`, then
+    rebuilt by the blocks' exact inverses (`engine.invert`). Sorted depth order; NaN where not finite.
+
+    Cost: one forward through max(depths) blocks and one inversion per depth.
+    """
+    depths = _check_depths(depths, len(blocks))
+    blocks = _cast(blocks[: depths[-1]], dtype)
+    x0 = (a.to(dtype), b.to(dtype))
+    state, done, errors = x0, 0, []
+    with torch.no_grad():
+        for n in depths:
+            state = sequential(blocks[done:n], *state)
+            done = n
+            error = relative_error(invert(blocks[:n], *state), x0)
+            errors.append(error if math.isfinite(error) else math.nan)
+    return errors
+
+
+def block_inputs(model: Network, x: Tensor) -> list[tuple[ReversibleBlock, Tensor, Tensor]]:
+    """(block, a, b) for every reversible block of `model`, with the state it receives on input `x`.
+
+    One forward without graph and without updating BatchNorm running statistics; the entry blocks
+    of the units come first in each unit, as `iter(unit)` yields them.
+    """
+    found: list[tuple[ReversibleBlock, Tensor, Tensor]] = []
+    blocks = [blk for unit in model.units if isinstance(unit, ReversibleUnit)
+              for blk in unit if isinstance(blk, ReversibleBlock)]
+    hooks = [blk.register_forward_pre_hook(lambda m, args: found.append((m, *args))) for blk in blocks]
+    try:
+        with torch.no_grad(), _frozen_running_stats([model]):
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return found
+
+
+def check_step_size(model: Network, x: Tensor, steps: int = 30) -> dict:
+    """The largest stable step size of `model` on input `x`, and a warning when its h exceeds it.
+
+    For every block, the spectral radius |lambda|max of J at the block's input (Arnoldi, `steps`
+    JVPs) gives h_max = bound / |lambda|max, with bound = 2 for Verlet (Hamiltonian) and leapfrog and
+    1 for the midpoint rule (`STABILITY_BOUND`): past it the linearised step has a root |xi| > 1
+    (Eq. 21). Returns {"h", "h_max", "spectral_radius", "block"} for the most limiting block
+    ("block": its index among the model's reversible blocks); warns (RuntimeWarning) if h >= h_max.
+    """
+    inputs = [(blk, a, b) for blk, a, b in block_inputs(model, x) if type(blk) in STABILITY_BOUND]
+    if not inputs:
+        raise ValueError(f"check_step_size needs a Hamiltonian, Leapfrog or MidPoint network; "
+                         f"got scheme {getattr(model, 'scheme', type(model).__name__)!r}")
+    worst = None
+    for i, (blk, a, b) in enumerate(inputs):
+        radius = spectral_estimate(*ritz_values(blk, a, b, steps))["radius"]
+        h_max = STABILITY_BOUND[type(blk)] / radius if radius > 0 else math.inf
+        if worst is None or h_max < worst["h_max"]:
+            worst = {"h": blk.h, "h_max": h_max, "spectral_radius": radius, "block": i}
+    if worst["h"] >= worst["h_max"]:
+        warnings.warn(f"step size h={worst['h']:g} is past the stability bound h_max={worst['h_max']:.4g} "
+                      f"(|lambda|max={worst['spectral_radius']:.4g} at block {worst['block']}): "
+                      f"perturbations grow exponentially with depth; use h < {worst['h_max']:.4g}",
+                      RuntimeWarning, stacklevel=2)
+    return worst

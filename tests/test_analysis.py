@@ -1,0 +1,144 @@
+"""Stability toolkit: spectra with known answers (Appendix), Eq. (21), growth and reversal drift."""
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from revnets import analysis, build_model
+from revnets.blocks import HamiltonianBlock, LeapfrogBlock, MidPointBlock, RevNetBlock
+from revnets.cli import main
+
+
+def _block(kind: str, channels: int = 4, act=nn.Tanh, h: float = 0.1):
+    """A tiny block and a random input state of batch one, 4x4 pixels."""
+    torch.manual_seed(0)
+    block = {"hamiltonian": lambda: HamiltonianBlock(channels, h=h, act=act),
+             "leapfrog": lambda: LeapfrogBlock(channels, h=h, act=act),
+             "midpoint": lambda: MidPointBlock(channels, h=h, act=act),
+             "revnet": lambda: RevNetBlock(channels, act=act, norm=None)}[kind]()
+    width = channels if kind in ("leapfrog", "midpoint") else channels // 2
+    return block, torch.randn(1, width, 4, 4), torch.randn(1, width, 4, 4)
+
+
+# Smooth activations: with ReLU, J has Jordan blocks at 0 and rounding moves those eigenvalues by ~1e-8.
+@pytest.mark.parametrize("kind", ["hamiltonian", "leapfrog", "midpoint"])
+def test_stable_schemes_have_imaginary_spectra(kind):
+    values = analysis.eigenvalues(*_block(kind))
+    assert values.abs().max() > 0.1
+    assert values.real.abs().max() < 1e-8
+
+
+def test_revnet_coupling_has_positive_real_parts():
+    assert analysis.eigenvalues(*_block("revnet")).real.max() > 1e-3
+
+
+def test_vector_field_rejects_other_blocks():
+    with pytest.raises(ValueError, match="HamiltonianBlock"):
+        analysis.vector_field(nn.Identity(), torch.zeros(1), torch.zeros(1))
+
+
+@pytest.mark.parametrize("kind", ["hamiltonian", "leapfrog", "midpoint", "revnet"])
+def test_arnoldi_matches_dense_spectrum(kind):
+    block, a, b = _block(kind)
+    dense = analysis.spectral_estimate(analysis.eigenvalues(block, a, b))
+    ritz = analysis.spectral_estimate(*analysis.ritz_values(block, a, b, steps=40))
+    assert ritz["radius"] == pytest.approx(dense["radius"], rel=1e-3)
+    full = analysis.spectral_estimate(*analysis.ritz_values(block, a, b, steps=a.numel() * 4))
+    assert full["max_real"] == pytest.approx(dense["max_real"], abs=1e-6)
+
+
+def test_arnoldi_on_a_known_matrix():
+    torch.manual_seed(0)
+    m = torch.randn(50, 50, dtype=torch.float64)
+    values, residuals = analysis.arnoldi(lambda v: m @ v, torch.randn(50, dtype=torch.float64), 50)
+    exact = torch.linalg.eigvals(m)
+    assert values.abs().max() == pytest.approx(exact.abs().max().item(), rel=1e-10)
+    assert residuals.max() < 1e-8
+
+
+@pytest.mark.parametrize("ab", [-4.0, -2.5, -1.0, -0.01, 0.0])
+def test_eq21_roots_on_the_unit_circle_when_stable(ab):
+    for xi in analysis.eq21_roots(1.0, ab):
+        assert abs(xi) == pytest.approx(1.0, abs=1e-7)
+        assert abs(xi * xi - (2 + ab) * xi + 1) < 1e-12
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.5, 0.5), (-0.3, 20.0), (0.1, -50.0)])
+def test_eq21_roots_grow_outside_the_band(alpha, beta):
+    assert max(abs(xi) for xi in analysis.eq21_roots(alpha, beta)) > 1.0
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.3, 0.3), (-0.5, 10.0), (1.0, 1.0)])
+def test_linear_revnet_grows_like_its_root(alpha, beta):
+    block = analysis.linear_revnet(alpha, beta)
+    y, z = torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2)
+    log_g = analysis.growth([block] * 400, y, z, [200, 400])  # |xi|^400 < 1e300: no overflow
+    rate = math.log(max(abs(xi) for xi in analysis.eq21_roots(alpha, beta)))
+    assert (log_g[1] - log_g[0]) / 200 == pytest.approx(rate, rel=1e-6)
+
+
+def test_linear_revnet_stays_bounded_when_stable():
+    block = analysis.linear_revnet(0.5, -1.0)  # alpha beta = -0.5: |xi| = 1
+    log_g = analysis.growth([block] * 1000, torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2), [10, 100, 1000])
+    assert max(abs(g) for g in log_g) < math.log(10)
+
+
+def test_growth_time_invariant_and_random_chains():
+    block, a, b = _block("revnet", act=nn.ReLU)
+    log_g = analysis.growth([block] * 200, a, b, [0, 200])
+    assert log_g[0] == 0.0 and log_g[1] > 1.0  # exponential growth of the unconstrained coupling
+    torch.manual_seed(1)
+    chain = [HamiltonianBlock(4) for _ in range(200)]
+    assert abs(analysis.growth(chain, a, b, [200])[0]) < math.log(10)
+    with pytest.raises(ValueError, match="depths"):
+        analysis.growth(chain, a, b, [201])
+
+
+def test_growth_reports_nan_once_the_state_overflows():
+    block = analysis.linear_revnet(10.0, 10.0)
+    log_g = analysis.growth([block] * 400, torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1), [1, 400])
+    assert math.isfinite(log_g[0]) and math.isnan(log_g[1])
+
+
+def test_reversal_drift_float64_below_1e10_at_1000_blocks():
+    block, a, b = _block("hamiltonian", act=nn.ReLU)
+    errors = analysis.reversal_drift([block] * 1000, a, b, [10, 1000], torch.float64)
+    assert errors[1] < 1e-10
+    assert analysis.reversal_drift([block] * 10, a, b, [10], torch.float32)[0] > errors[0]
+
+
+def test_reversal_error_per_unit_is_reexported():
+    model = build_model("hamiltonian-74", units=(2, 2, 2), channels=(8, 8, 8))
+    errors = analysis.reversal_error(model, torch.randn(2, 3, 8, 8))
+    assert set(errors) == {"unit0", "unit1", "unit2"} and max(errors.values()) < 1e-5
+
+
+def test_block_inputs_finds_every_reversible_block():
+    model = build_model("leapfrog-26", units=(2, 3, 1), channels=(8, 8, 8))
+    found = analysis.block_inputs(model, torch.randn(1, 3, 8, 8))
+    assert len(found) == 6 and all(a.shape == b.shape for _, a, b in found)
+
+
+def test_check_step_size_warns_past_the_bound_only():
+    torch.manual_seed(0)
+    model = build_model("hamiltonian-74", units=(2, 1, 1), channels=(8, 8, 8), h=0.1)
+    x = torch.randn(1, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = analysis.check_step_size(model, x)
+    assert result["h"] == 0.1 < result["h_max"] == pytest.approx(2 / result["spectral_radius"])
+    for blk in model.modules():
+        if isinstance(blk, HamiltonianBlock):
+            blk.h = 2 * result["h_max"]
+    with pytest.warns(RuntimeWarning, match="past the stability bound"):
+        result = analysis.check_step_size(model, x)
+    assert result["h"] >= result["h_max"]
+
+
+def test_check_step_size_rejects_revnet():
+    model = build_model("revnet-38", units=(2, 1, 1), channels=(8, 8, 8))
+    with pytest.raises(ValueError, match="Hamiltonian"):
+        analysis.check_step_size(model, torch.randn(1, 3, 8, 8))
