@@ -97,8 +97,14 @@ def _cifar(name: str, root: Path, download: bool) -> Dataset:
                 raise FileNotFoundError(f"{root / archive} not found: put {archive} (from {CIFAR_URL}) in {root}, "
                                         f"or its extracted {folder}/, or pass --download")
             _download(CIFAR_URL + archive, root / archive, md5)
-        with tarfile.open(root / archive, "r:gz") as tar:  # one sequential pass over the gzip stream
-            raw = {Path(m.name).name: tar.extractfile(m).read() for m in tar if Path(m.name).name in members}
+        try:
+            with tarfile.open(root / archive, "r:gz") as tar:  # one sequential pass over the gzip stream
+                raw = {Path(m.name).name: tar.extractfile(m).read() for m in tar if m.name in
+                       {f"{folder}/{member}" for member in members}}
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise ValueError(f"{root / archive} is not a readable tar.gz archive ({e}); delete it and fetch it again")
+        if missing := [f"{folder}/{m}" for m in members if m not in raw]:
+            raise ValueError(f"{root / archive} lacks {', '.join(missing)}: not the {name} archive")
     batches = {m: _unpickle(raw[m]) for m in members}
 
     def split(names):
@@ -330,4 +336,5 @@ def crop_flip(x: Tensor, offsets: Tensor, flips: Tensor, padding: int) -> Tensor
     cols = torch.arange(w, device=x.device).expand(b, w)
     cols = torch.where(flips[:, None], cols.flip(1), cols) + offsets[1, :, None]  # (b, W)
     batch, channel = torch.arange(b, device=x.device), torch.arange(c, device=x.device)
-    return padded[batch[:, None, None, None], channel[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+    return padded[batch[:, None, None, None], channel[None, :, None, None], rows[:, None, :, None],
+                  cols[:, None, None, :]]

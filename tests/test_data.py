@@ -83,6 +83,17 @@ def test_cifar_refuses_pickled_code(tmp_path):
         data.load_dataset("cifar10", tmp_path)
 
 
+def test_cifar_refuses_a_broken_or_foreign_archive(tmp_path):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match="cifar-10-python.tar.gz is not a readable tar.gz archive"):
+        data.load_dataset("cifar10", tmp_path)
+    members, _ = _cifar_members("cifar10", np.random.default_rng(0))
+    del members["cifar-10-batches-py/data_batch_3"]
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(_tar_gz(members))
+    with pytest.raises(ValueError, match="lacks cifar-10-batches-py/data_batch_3: not the cifar10 archive"):
+        data.load_dataset("cifar10", tmp_path)
+
+
 def _fake_download(monkeypatch, payload: bytes) -> list[str]:
     urls = []
 
@@ -275,7 +286,8 @@ def test_unknown_dataset_lists_the_known_ones():
 # ---- subsets and statistics ----
 
 def test_stratified_subset():
-    labels = torch.tensor([0] * 500 + [1] * 300 + [2] * 200)[torch.randperm(1000, generator=torch.Generator().manual_seed(0))]
+    labels = torch.tensor([0] * 500 + [1] * 300 + [2] * 200)
+    labels = labels[torch.randperm(1000, generator=torch.Generator().manual_seed(0))]
     idx = data.stratified_subset(labels, 0.1, seed=3)
     assert idx.dtype == torch.int64 and torch.equal(idx, idx.unique())  # sorted, no repeats
     assert labels[idx].bincount().tolist() == [50, 30, 20]
@@ -316,7 +328,8 @@ def test_eval_loader_standardises_in_order():
     batches = _batches(loader)
     assert len(loader) == 3 and [len(y) for _, y in batches] == [4, 4, 2]
     assert torch.equal(torch.cat([y for _, y in batches]), torch.arange(10))
-    expected = (x.float() / 255 - torch.tensor([0.1, 0.2, 0.3]).view(3, 1, 1)) / torch.tensor([0.2, 0.3, 0.4]).view(3, 1, 1)
+    mean, std = torch.tensor([0.1, 0.2, 0.3]).view(3, 1, 1), torch.tensor([0.2, 0.3, 0.4]).view(3, 1, 1)
+    expected = (x.float() / 255 - mean) / std
     torch.testing.assert_close(torch.cat([x for x, _ in batches]), expected)
     assert batches[0][0].dtype == torch.float32
 
