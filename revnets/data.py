@@ -12,6 +12,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,20 +175,26 @@ def _folder(root: Path) -> Dataset:
     key = hashlib.sha1(repr((classes, files)).encode()).hexdigest()  # names, labels, mtimes and sizes
     caches = [root / ".revnets-cache.npz", Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
               / "revnets" / f"folder-{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]}.npz"]
-    for cache in caches:
-        if cache.is_file():
-            with np.load(cache) as z:
-                if str(z["key"]) == key:
-                    return _dataset("folder", (z["train_x"], z["train_y"]), (z["test_x"], z["test_y"]), classes, 4)
-    arrays = _decode(root, files)
-    for cache in caches:
-        try:
-            _atomic_write(cache, lambda f: np.savez(f, key=np.array(key), **arrays))
-            break
-        except OSError:  # a read-only root: use the user's cache directory
-            continue
+    arrays = next(filter(None, (_read_cache(cache, key) for cache in caches)), None)
+    if arrays is None:
+        arrays = _decode(root, files)
+        for cache in caches:
+            try:
+                _atomic_write(cache, lambda f: np.savez(f, key=np.array(key), **arrays))
+                break
+            except OSError:  # a read-only root: use the user's cache directory
+                continue
     return _dataset("folder", (arrays["train_x"], arrays["train_y"]), (arrays["test_x"], arrays["test_y"]),
                     classes, padding=4)
+
+
+def _read_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:
+    """The arrays cached at `path` if they were decoded from the files that `key` describes."""
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in ("train_x", "train_y", "test_x", "test_y")} if str(z["key"]) == key else None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # absent, or not written by this version
+        return None
 
 
 def _image_files(root: Path, split: str, classes: list[str]) -> list[tuple[str, int, int, int]]:

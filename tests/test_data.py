@@ -217,6 +217,9 @@ def test_folder_cache_skips_decoding_until_files_change(tmp_path, monkeypatch):
             data.load_dataset("folder", tmp_path)
     _image(tmp_path, "train/a/3.png", np.full((4, 4), 3, np.uint8))  # and so does a new one
     assert len(data.load_dataset("folder", tmp_path).train_x) == 4
+    (tmp_path / ".revnets-cache.npz").write_bytes(b"garbage")  # an unreadable cache is decoded again
+    assert len(data.load_dataset("folder", tmp_path).train_x) == 4
+    assert np.load(tmp_path / ".revnets-cache.npz")["train_x"].shape == (4, 1, 4, 4)
 
 
 def test_folder_cache_falls_back_to_user_cache_when_root_is_read_only(tmp_path, monkeypatch):
