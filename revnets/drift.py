@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .engine import _frozen_running_stats, invert, sequential
+from .engine import _frozen_running_stats, invert, relative_error, sequential
 from .networks import Network, ReversibleUnit
 
 
@@ -41,13 +41,6 @@ def reversal_error(model: Network, x: Tensor) -> dict[str, float]:
             errors[f"unit{i}"] = relative_error(invert(unit.blocks, *out), (a, b))
             x = unit.block.merge(*out)
     return errors
-
-
-def relative_error(rebuilt: tuple[Tensor, Tensor], stored: tuple[Tensor, Tensor]) -> float:
-    """||rebuilt - stored|| / ||stored|| over both states, computed in float64."""
-    diff = sum((r.double() - s.double()).pow(2).sum() for r, s in zip(rebuilt, stored))
-    norm = sum(s.double().pow(2).sum() for s in stored)
-    return (diff.sqrt() / norm.sqrt()).item() if norm > 0 else diff.sqrt().item()
 
 
 class DriftMonitor:

@@ -17,9 +17,17 @@ Correctness details other libraries miss:
     (ReLU at its kink) gets the same derivative as plain autograd;
   * parameter gradients are returned through the autograd.Function (computed with
     `torch.autograd.grad`), so DistributedDataParallel sees each parameter ready exactly once.
+
+Segment storage bounds the drift of floating-point reversal. With `segment=k` the engine keeps
+the exact state every k blocks and reverses only inside a segment, so the rounding of at most k
+blocks is carried back: memory ceil(N / k) + 1 states instead of 2 (k = 1: every block's input,
+no rebuilt state is ever used). `choose_segment` picks the largest k whose measured reversal
+error on the current batch stays under a tolerance, and `AutoSegment` does it periodically
+during training (a unit's `segment="auto"`).
 """
+import math
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,16 +52,95 @@ def invert(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor) -> tuple[Ten
     return a, b
 
 
-def reversible(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Run `blocks` on the state (a, b), back-propagating by exact inversion (memory O(1) in depth).
+def reversible(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor,
+               segment: int | float | None = None) -> tuple[Tensor, Tensor]:
+    """Run `blocks` on the state (a, b), back-propagating by exact inversion.
 
-    Gives the same values and gradients as `sequential`; every block must be deterministic.
+    `segment`: None or math.inf reverses the whole chain (memory O(1) in depth); an integer k >= 1
+    keeps the state every k blocks and reverses only within those segments (memory O(N / k)).
+    Gives the same values and gradients as `sequential` up to reversal drift; every block must
+    be deterministic.
     """
+    k = _segment_length(segment, len(blocks))
+    for start in range(0, len(blocks), k):
+        a, b = _reversible_segment(blocks[start:start + k], a, b)
+    return a, b
+
+
+def _reversible_segment(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     params, layout = _parameters(blocks)
     if not blocks or not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or params)):
         return sequential(blocks, a, b)
     _check_deterministic(blocks)
     return _Reversible.apply(tuple(blocks), layout, a, b, *params)
+
+
+def _segment_length(segment: int | float | None, n: int) -> int:
+    if segment is None or segment == math.inf:
+        return max(n, 1)
+    if isinstance(segment, bool) or not isinstance(segment, int) or segment < 1:
+        raise ValueError(f"segment must be None, math.inf or an integer >= 1 (blocks per stored state); "
+                         f"got {segment!r}")
+    return segment
+
+
+@torch.no_grad()
+def segment_error(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor,
+                  segment: int | float | None = None) -> float:
+    """The worst relative error ||rebuilt - stored|| / ||stored|| of a segment's input state, rebuilt
+    by inverting the segment from its stored output, over the segments of `reversible(...,
+    segment)` on the state (a, b). NaN counts as infinity. BatchNorm running statistics untouched."""
+    k = _segment_length(segment, len(blocks))
+    worst = 0.0
+    with _frozen_running_stats(blocks):
+        for start in range(0, len(blocks), k):
+            chunk = blocks[start:start + k]
+            out = sequential(chunk, a, b)
+            error = relative_error(invert(chunk, *out), (a, b))
+            worst = max(worst, math.inf if math.isnan(error) else error)
+            a, b = out
+    return worst
+
+
+class SegmentChoice(NamedTuple):
+    """k: blocks per stored state (None: pure reversal); error: its `segment_error`;
+    stored_bytes: memory of the states kept for the backward, ceil(N / k) + 1 of them."""
+
+    k: int | None
+    error: float
+    stored_bytes: int
+
+
+def choose_segment(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor, tol: float = 1e-3) -> SegmentChoice:
+    """The largest segment length whose reversal error on the state (a, b) stays <= `tol`.
+
+    Tries pure reversal, then powers of two below N from the largest down (each one forward and one
+    inversion of the chain); falls back to k = 1, whose backward uses no rebuilt state (error 0).
+    """
+    n, state_bytes = len(blocks), a.nbytes + b.nbytes
+    for k in (None, *(2 ** i for i in reversed(range(1, max(n - 1, 1).bit_length())))):
+        error = segment_error(blocks, a, b, k)
+        if error <= tol:
+            return SegmentChoice(k, error, (math.ceil(n / (k or max(n, 1))) + 1) * state_bytes)
+    return SegmentChoice(1, 0.0, (n + 1) * state_bytes)
+
+
+class AutoSegment:
+    """Segment length chosen from the measured drift: `choose_segment` on the current batch at the
+    first call and every `every` calls made with grad enabled; the last `choice` is reused between.
+
+    Costs one forward and one inversion of the chain per measurement (more for unstable chains).
+    """
+
+    def __init__(self, tol: float = 1e-3, every: int = 50):
+        self.tol, self.every, self.calls, self.choice = tol, every, 0, None
+
+    def __call__(self, blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor) -> int | None:
+        if torch.is_grad_enabled():
+            if self.calls % self.every == 0:
+                self.choice = choose_segment(blocks, a, b, self.tol)
+            self.calls += 1
+        return self.choice.k if self.choice else None
 
 
 class _Reversible(torch.autograd.Function):
@@ -103,6 +190,13 @@ def _parameters(blocks: Sequence[nn.Module]) -> tuple[list[nn.Parameter], tuple[
                 ix.append(index[id(w)])
         layout.append(tuple(ix))
     return params, tuple(layout)
+
+
+def relative_error(rebuilt: tuple[Tensor, Tensor], stored: tuple[Tensor, Tensor]) -> float:
+    """||rebuilt - stored|| / ||stored|| over both states, computed in float64."""
+    diff = sum((r.double() - s.double()).pow(2).sum() for r, s in zip(rebuilt, stored))
+    norm = sum(s.double().pow(2).sum() for s in stored)
+    return (diff.sqrt() / norm.sqrt()).item() if norm > 0 else diff.sqrt().item()
 
 
 def _add(x: Tensor, y: Tensor | None) -> Tensor:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .blocks import (BasicBlock, HamiltonianBlock, LeapfrogBlock, MidPointBlock, ReversibleBlock,
                      RevNetBlock, conv3x3)
-from .engine import reversible, sequential
+from .engine import AutoSegment, _segment_length, reversible, sequential
 
 SCHEMES: dict[str, type[nn.Module]] = {
     "hamiltonian": HamiltonianBlock,
@@ -26,13 +26,18 @@ SCHEMES: dict[str, type[nn.Module]] = {
 class ReversibleUnit(nn.Module):
     """One unit: [pool] -> split -> entry block -> n - 1 reversible blocks -> merge.
 
-    (N, C_in, H, W) -> (N, C, H', W'), H' = H / 2 when `pool`.
+    (N, C_in, H, W) -> (N, C, H', W'), H' = H / 2 when `pool`. `segment`: blocks per state the
+    engine stores (None: pure reversal; an integer k; "auto": `engine.AutoSegment`, whose last
+    choice and its memory are `unit.segment.choice`).
     """
 
     def __init__(self, block: type[ReversibleBlock], c_in: int, c: int, n: int, pool: bool,
-                 memory_efficient: bool = True, **kw):
+                 memory_efficient: bool = True, segment: int | str | None = None, **kw):
         super().__init__()
         self.block, self.pool, self.memory_efficient = block, pool, memory_efficient
+        self.segment = AutoSegment() if segment == "auto" else segment
+        if segment != "auto":
+            _segment_length(segment, n)
         self.entry = block.entry(c_in, c, **kw)
         self.blocks = nn.ModuleList(block(c, **kw) for _ in range(n - 1))
 
@@ -49,8 +54,10 @@ class ReversibleUnit(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         a, b = self.chain_input(x)
-        run = reversible if self.memory_efficient else sequential
-        return self.block.merge(*run(self.blocks, a, b))
+        if not self.memory_efficient:
+            return self.block.merge(*sequential(self.blocks, a, b))
+        segment = self.segment(self.blocks, a, b) if isinstance(self.segment, AutoSegment) else self.segment
+        return self.block.merge(*reversible(self.blocks, a, b, segment))
 
 
 def resnet_unit(c_in: int, c: int, n: int, pool: bool, memory_efficient: bool = True, **kw) -> nn.Sequential:
@@ -159,17 +166,18 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, memory_e
     """Build a Table 1 network by name, e.g. ``build_model("hamiltonian-74")``.
 
     Overrides: ``units=(n1, n2, n3[, n4])``, ``channels=(...)`` and the scheme's residual-function
-    settings (``h``, ``act``, ``norm``). ``memory_efficient=False`` gives the same module (same
-    parameter names) trained with plain autograd.
+    settings (``h``, ``act``, ``norm``); reversible schemes also take ``segment`` (None, an integer k
+    or "auto": blocks per state the engine stores, see `revnets.engine`). ``memory_efficient=False``
+    gives the same module (same parameter names) trained with plain autograd.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
     spec = dict(MODELS[name])
     defaults = SCHEME_DEFAULTS[spec["scheme"]]
-    unknown = set(overrides) - {"units", "channels", *defaults}
+    valid = ["units", "channels", *defaults] + (["segment"] if spec["scheme"] != "resnet" else [])
+    unknown = set(overrides) - set(valid)
     if unknown:
-        raise ValueError(f"{name} has no setting {', '.join(sorted(unknown))}; valid overrides: "
-                         f"units, channels, {', '.join(defaults)}")
+        raise ValueError(f"{name} has no setting {', '.join(sorted(unknown))}; valid overrides: {', '.join(valid)}")
     spec.update(defaults)
     spec.update(overrides)
     return Network(num_classes=num_classes, in_channels=in_channels, memory_efficient=memory_efficient, **spec)
