@@ -19,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command_modules() -> list:
-    from . import plot, reproduce, train, zoo
-    return [zoo, plot, reproduce, train]
+    from . import evaluate, plot, reproduce, train, zoo
+    return [zoo, plot, evaluate, reproduce, train]
 
 
 def main(argv: list[str] | None = None) -> int:
