@@ -19,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command_modules() -> list:
-    from . import evaluate, plot, reproduce, train, zoo
-    return [zoo, plot, evaluate, reproduce, train]
+    from . import evaluate, plot, report, reproduce, train, zoo
+    return [zoo, plot, evaluate, reproduce, train, report]
 
 
 def main(argv: list[str] | None = None) -> int:

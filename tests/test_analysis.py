@@ -82,7 +82,7 @@ def test_linear_revnet_grows_like_its_root(alpha, beta):
 
 def test_linear_revnet_stays_bounded_when_stable():
     block = analysis.linear_revnet(0.5, -1.0)  # alpha beta = -0.5: |xi| = 1
-    log_g = analysis.growth([block] * 1000, torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2), [10, 100, 1000])
+    log_g = analysis.growth([block] * 500, torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2), [10, 100, 500])
     assert max(abs(g) for g in log_g) < math.log(10)
 
 
@@ -142,3 +142,27 @@ def test_check_step_size_rejects_revnet():
     model = build_model("revnet-38", units=(2, 1, 1), channels=(8, 8, 8))
     with pytest.raises(ValueError, match="Hamiltonian"):
         analysis.check_step_size(model, torch.randn(1, 3, 8, 8))
+
+
+def test_analyze_writes_json_and_pngs(tmp_path, capsys):
+    out = tmp_path / "report"
+    args = ["analyze", "--model", "hamiltonian-74", "revnet-38", "--out", str(out), "--depths", "1", "20",
+            "--channels", "4", "4", "4", "--units", "2", "1", "1", "--size", "4", "--h-values", "0.1", "1",
+            "--h-depth", "5"]
+    assert main(args) == 0
+    report = json.loads((out / "stability.json").read_text())
+    ham, rev = report["architectures"]["hamiltonian-74"], report["architectures"]["revnet-38"]
+    assert ham["spectrum"]["method"] == "dense" and abs(ham["spectrum"]["max_real"]) < 1e-7
+    assert rev["spectrum"]["max_real"] > 1e-3 and rev["step_size"] is None
+    assert [r["depth"] for r in ham["per_depth"]] == [1, 20]
+    assert set(ham["per_depth"][1]["reversal_error"]) == {"float64", "float32", "bfloat16"}
+    assert ham["per_depth"][1]["reversal_error"]["float64"] < 1e-12
+    assert ham["step_size"]["h"] == 0.1 and len(ham["growth_vs_h"]["growth"]) == 2
+    for name in ("eigenvalues", "growth", "reversal", "growth-vs-h"):
+        assert (out / f"stability-{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_analyze_rejects_a_unit_without_reversible_blocks(tmp_path, capsys):
+    args = ["analyze", "--model", "hamiltonian-74", "--out", str(tmp_path), "--units", "1", "1", "1"]
+    assert main(args) == 2
+    assert "at least 2 blocks" in capsys.readouterr().err
