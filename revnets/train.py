@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__, checkpoint, data
-from .networks import MODELS
+from .networks import MODELS, SCHEME_DEFAULTS
 from .progress import FIELDS, EpochBar, MetricsCSV, epoch_line, tensorboard_writer
 from .regularization import smoothness_penalty
 
@@ -108,6 +108,8 @@ class Config:
                 raise ValueError(f"--{key.replace('_', '-')} must be at least 1; got {getattr(self, key)}")
         if self.drift_every < 0:
             raise ValueError(f"--drift-every must be >= 0 (0: off); got {self.drift_every}")
+        if self.grow_at and "h" not in SCHEME_DEFAULTS[MODELS[self.model]["scheme"]]:
+            raise ValueError(f"--grow-at halves the step size h, which {self.model} does not have")
         if any(not 1 <= g < self.epochs for g in self.grow_at):
             raise ValueError(f"--grow-at epochs must lie in [1, {self.epochs}); got {self.grow_at}")
 
@@ -285,10 +287,10 @@ class Run:
         self.config, self.on_epoch = config, on_epoch
         self.rank, self.world, self.device = setup_distributed(config.device)
         self.out = Path(config.out)
+        ckpt = self._resume_checkpoint()
         self.ds = load_data(config)
         self.train_loader, self.test_loader = loaders(config, self.ds, self.device, self.rank, self.world)
         self.start, self.best_acc, self.best_epoch, self.wall = 0, -1.0, 0, 0.0
-        ckpt = self._resume_checkpoint()
         grown = checkpoint.growths(asdict(config), ckpt["epoch"]) if ckpt else 0
         self.net = make_model(config, self.ds, self.device, grown)
         self.model = wrap(self.net, config, self.device, self.world)
@@ -312,8 +314,11 @@ class Run:
             return None
         path = self.out / "last.pt"
         ckpt = checkpoint.load(path, map_location=self.device)
-        saved = {k: v for k, v in Config.from_dict(ckpt["config"]).__dict__.items() if k not in ("resume", "device", "out")}
-        mine = {k: v for k, v in self.config.__dict__.items() if k not in ("resume", "device", "out")}
+        if not isinstance(ckpt["config"], dict):
+            raise ValueError(f"{path} has no settings (its config is a {type(ckpt['config']).__name__})")
+        ignore = ("resume", "device", "out")
+        saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in ckpt["config"].items() if k not in ignore}
+        mine = {k: v for k, v in asdict(self.config).items() if k not in ignore}
         differ = [k for k in mine if saved.get(k) != mine[k]]
         if differ:
             raise ValueError(f"{path} was saved by a run with other settings: "

@@ -110,6 +110,7 @@ def test_corrupt_or_mismatched_checkpoint_is_refused_on_resume(tmp_path):
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'; expected one of cifar10,"),
     (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: no last.pt"),
     (["--epochs", "4", "--grow-at", "4"], r"--grow-at epochs must lie in \[1, 4\)"),
+    (["--model", "revnet-38", "--grow-at", "4"], "--grow-at halves the step size h, which revnet-38 does not have"),
 ])
 def test_bad_flags_end_with_one_line_and_exit_code_2(argv, message, capsys):
     assert cli.main(["train", *argv]) == 2
@@ -152,3 +153,23 @@ def test_metrics_csv_keeps_rows_up_to_an_epoch_and_tensorboard_is_optional(tmp_p
     assert [r["epoch"] for r in metrics.read()] == ["1", "2"]
     if progress.importlib.util.find_spec("tensorboard") is None:
         assert progress.tensorboard_writer(tmp_path) is None
+
+
+@pytest.mark.parametrize("kill_after", [1, 2])
+def test_growth_doubles_the_blocks_and_a_resumed_run_grows_before_loading(tmp_path, kill_after):
+    flags = ["--units", "2", "2", "2", "--epochs", "3", "--grow-at", "1", "--drift-every", "3"]
+    whole = _run(tmp_path / "whole", *flags)
+    with pytest.raises(Killed):
+        _run(tmp_path / "killed", *flags, on_epoch=_kill_after(kill_after))
+    train.train(train.parse_config(["--resume", str(tmp_path / "killed")]))
+    model, config = checkpoint.load_model(tmp_path / "killed" / "last.pt")
+    assert [len(unit.blocks) for unit in model.units] == [2, 2, 2]  # 1 block each, split in two
+    assert {block.h for unit in model.units for block in unit.blocks} == {0.05}
+    a, b = checkpoint.load(tmp_path / "whole" / "last.pt"), checkpoint.load(tmp_path / "killed" / "last.pt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    rows = _metrics(tmp_path / "whole")
+    assert whole["params"] > sum(p.numel() for p in checkpoint.model_from_config(config, 10, 1).parameters())
+    drift = [float(r["drift_max"]) for r in rows]
+    assert all(0 <= d < 1e-4 for d in drift)  # float32 Hamiltonian reversal on digits: tiny, measured each epoch
+    assert [r["test_acc"] for r in rows] == [r["test_acc"] for r in _metrics(tmp_path / "killed")]
