@@ -67,7 +67,7 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("subsampling", "tiny"): Recipe(FIGURE3_MODELS, dict(batch_size=16, units=(1, 1, 1, 1), channels=(8, 16, 16, 32)),
                                     fractions=(0.5,), images=50, max_epochs=1),
     ("subsampling", "cpu"): Recipe(FIGURE3_MODELS, dict(batch_size=25, lr=0.05, schedule="cosine", **FIGURE3_NET),
-                                   fractions=(0.01, 0.005, 0.002, 0.001, 0.0005), images=10_000, max_epochs=40),
+                                   fractions=(0.01, 0.005, 0.002, 0.001, 0.0005), images=10_000, max_epochs=20),
     ("subsampling", "small"): Recipe(FIGURE3_MODELS, dict(**SMALL, **FIGURE3_NET), fractions=FIGURE3_FRACTIONS,
                                      seeds=(0, 1, 2), images=2_000_000, max_epochs=400),
     ("subsampling", "paper"): Recipe(FIGURE3_MODELS, dict(milestones=(80, 120, 160), **FIGURE3_NET),
