@@ -7,7 +7,8 @@ and receive meaningless gradients with no error raised. `reversal_error` measure
 
     e = ||(a~, b~) - (a, b)|| / ||(a, b)||,   (a~, b~) = invert(blocks, sequential(blocks, a, b)),
 
-where (a, b) is the chain's input (after the unit's entry block). `DriftMonitor` does it every
+where (a, b) is the chain's input (after the unit's entry block); for a unit with exact=True,
+the fixed-point integers that its backward rebuilds (so e = 0). `DriftMonitor` does it every
 few training steps and warns above a threshold.
 """
 import warnings
@@ -15,6 +16,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from . import exact as fixed_point
 from .engine import _frozen_running_stats, invert, relative_error, sequential
 from .networks import Network, ReversibleUnit
 
@@ -37,8 +39,14 @@ def reversal_error(model: Network, x: Tensor) -> dict[str, float]:
                 x = unit(x)
                 continue
             a, b = unit.chain_input(x)
-            out = sequential(unit.blocks, a, b)
-            errors[f"unit{i}"] = relative_error(invert(unit.blocks, *out), (a, b))
+            if unit.exact:  # the backward rebuilds the fixed-point state
+                q = fixed_point.quantize(a), fixed_point.quantize(b)
+                q_out = fixed_point.forward_int(unit.blocks, *q, a.dtype)
+                errors[f"unit{i}"] = relative_error(fixed_point.invert_int(unit.blocks, *q_out, a.dtype), q)
+                out = [fixed_point.dequantize(t, a.dtype) for t in q_out]
+            else:
+                out = sequential(unit.blocks, a, b)
+                errors[f"unit{i}"] = relative_error(invert(unit.blocks, *out), (a, b))
             x = unit.block.merge(*out)
     return errors
 

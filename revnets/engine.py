@@ -157,23 +157,33 @@ class _Reversible(torch.autograd.Function):
     def backward(ctx, grad_x, grad_y):
         a0, b0, p, q = ctx.saved_tensors
         grads = [None] * len(ctx.params)
-        steps = [(c, ix) for block, ix in zip(ctx.blocks, ctx.layout) for c in block.couplings()]
+        steps = _steps(ctx.blocks, ctx.layout)
         with torch.autocast(**ctx.autocast), _frozen_running_stats(ctx.blocks):
             for k in reversed(range(len(steps))):
                 coupling, ix = steps[k]
                 b = (b0 if k == 0 else p).detach().requires_grad_()  # the first input is kept exactly
-                with torch.enable_grad():
-                    u = coupling.update(b)
-                grad_b, *grad_w = torch.autograd.grad(u, (b, *(ctx.params[i] for i in ix)), grad_y,
-                                                      allow_unused=True)
-                for i, g in zip(ix, grad_w):
-                    if g is not None:
-                        grads[i] = g if grads[i] is None else grads[i] + g
-                with torch.no_grad():
-                    if k > 0:
-                        p, q = (q - u if coupling.sign > 0 else u - q), b.detach()
-                    grad_x, grad_y = (grad_y if coupling.sign > 0 else -grad_y), _add(grad_x, grad_b)
+                u, grad_x, grad_y = _coupling_backward(coupling, b, ctx.params, ix, grads, grad_x, grad_y)
+                if k > 0:
+                    p, q = (q - u if coupling.sign > 0 else u - q), b.detach()
         return None, None, grad_x, grad_y, *grads
+
+
+def _steps(blocks: Sequence[ReversibleBlock], layout: tuple[tuple[int, ...], ...]) -> list:
+    """The chain's couplings in order, each with the parameter indices of its block."""
+    return [(c, ix) for block, ix in zip(blocks, layout) for c in block.couplings()]
+
+
+def _coupling_backward(coupling, b: Tensor, params, ix, grads: list, grad_x: Tensor, grad_y: Tensor):
+    """Back-propagate through one coupling (a, b) -> (x, y) = (b, s a + u(b)) at its input b (a leaf
+    that requires grad): returns u(b) and (dL/da, dL/db) from (dL/dx, dL/dy) and adds
+    dL/dθ = (du/dθ)^T dL/dy into `grads`."""
+    with torch.enable_grad():
+        u = coupling.update(b)
+    grad_b, *grad_w = torch.autograd.grad(u, (b, *(params[i] for i in ix)), grad_y, allow_unused=True)
+    for i, g in zip(ix, grad_w):
+        if g is not None:
+            grads[i] = g if grads[i] is None else grads[i] + g
+    return u.detach(), (grad_y if coupling.sign > 0 else -grad_y), _add(grad_x, grad_b)
 
 
 def _parameters(blocks: Sequence[nn.Module]) -> tuple[list[nn.Parameter], tuple[tuple[int, ...], ...]]:
@@ -209,7 +219,7 @@ def _autocast_state(device_type: str) -> dict:
 
 
 def _check_deterministic(blocks: Sequence[nn.Module]) -> None:
-    for block in blocks:
+    for block in dict.fromkeys(blocks):  # each distinct block once
         for m in block.modules():
             if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
                 raise ValueError(f"reversible blocks must be deterministic: {type(m).__name__} in "
@@ -219,7 +229,7 @@ def _check_deterministic(blocks: Sequence[nn.Module]) -> None:
 @contextmanager
 def _frozen_running_stats(blocks: Sequence[nn.Module]) -> Iterator[None]:
     """Normalise recomputations with batch statistics without updating the running ones."""
-    norms = [m for block in blocks for m in block.modules()
+    norms = [m for block in dict.fromkeys(blocks) for m in block.modules()
              if isinstance(m, _NORMS) and m.training and m.track_running_stats]
     for m in norms:
         m.track_running_stats = False

@@ -24,6 +24,7 @@ import copy
 from torch import Tensor, nn
 
 from .blocks import LeapfrogBlock, MidPointBlock
+from .engine import AutoSegment
 from .networks import Network
 
 _TWO_STEP = (MidPointBlock, LeapfrogBlock)
@@ -62,6 +63,8 @@ def grow(model: Network) -> Network:
     model = copy.deepcopy(model)
     for unit in model.units:
         unit.blocks = nn.ModuleList(_halved(b) for b in unit.blocks for _ in range(2))
+        if isinstance(unit.segment, AutoSegment):  # measure the new chain afresh
+            unit.segment = AutoSegment(unit.segment.tol, unit.segment.every)
         if issubclass(unit.block, _TWO_STEP):
             unit.entry = Respaced(unit.entry.entry, unit.entry.ratio / 2) if isinstance(unit.entry, Respaced) \
                 else Respaced(unit.entry, 0.5)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .blocks import (BasicBlock, HamiltonianBlock, LeapfrogBlock, MidPointBlock, ReversibleBlock,
                      RevNetBlock, conv3x3)
+from . import exact as fixed_point
 from .engine import AutoSegment, _segment_length, reversible, sequential
 
 SCHEMES: dict[str, type[nn.Module]] = {
@@ -28,16 +29,20 @@ class ReversibleUnit(nn.Module):
 
     (N, C_in, H, W) -> (N, C, H', W'), H' = H / 2 when `pool`. `segment`: blocks per state the
     engine stores (None: pure reversal; an integer k; "auto": `engine.AutoSegment`, whose last
-    choice and its memory are `unit.segment.choice`).
+    choice and its memory are `unit.segment.choice`). `exact`: keep the chain's state in fixed
+    point and reverse it bit for bit (`revnets.exact`; no segments needed).
     """
 
     def __init__(self, block: type[ReversibleBlock], c_in: int, c: int, n: int, pool: bool,
-                 memory_efficient: bool = True, segment: int | str | None = None, **kw):
+                 memory_efficient: bool = True, segment: int | str | None = None, exact: bool = False, **kw):
         super().__init__()
         self.block, self.pool, self.memory_efficient = block, pool, memory_efficient
         self.segment = AutoSegment() if segment == "auto" else segment
         if segment != "auto":
             _segment_length(segment, n)
+        if exact and segment is not None:
+            raise ValueError(f"exact reversal stores no segments; got exact=True with segment={segment!r}")
+        self.exact = bool(exact)
         self.entry = block.entry(c_in, c, **kw)
         self.blocks = nn.ModuleList(block(c, **kw) for _ in range(n - 1))
 
@@ -54,10 +59,14 @@ class ReversibleUnit(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         a, b = self.chain_input(x)
-        if not self.memory_efficient:
-            return self.block.merge(*sequential(self.blocks, a, b))
-        segment = self.segment(self.blocks, a, b) if isinstance(self.segment, AutoSegment) else self.segment
-        return self.block.merge(*reversible(self.blocks, a, b, segment))
+        if self.exact:
+            out = (fixed_point.reversible if self.memory_efficient else fixed_point.sequential)(self.blocks, a, b)
+        elif not self.memory_efficient:
+            out = sequential(self.blocks, a, b)
+        else:
+            segment = self.segment(self.blocks, a, b) if isinstance(self.segment, AutoSegment) else self.segment
+            out = reversible(self.blocks, a, b, segment)
+        return self.block.merge(*out)
 
 
 def resnet_unit(c_in: int, c: int, n: int, pool: bool, memory_efficient: bool = True, **kw) -> nn.Sequential:
@@ -167,14 +176,15 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, memory_e
 
     Overrides: ``units=(n1, n2, n3[, n4])``, ``channels=(...)`` and the scheme's residual-function
     settings (``h``, ``act``, ``norm``); reversible schemes also take ``segment`` (None, an integer k
-    or "auto": blocks per state the engine stores, see `revnets.engine`). ``memory_efficient=False``
+    or "auto": blocks per state the engine stores, see `revnets.engine`) and ``exact=True``
+    (fixed-point state, bit-exact reversal, see `revnets.exact`). ``memory_efficient=False``
     gives the same module (same parameter names) trained with plain autograd.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
     spec = dict(MODELS[name])
     defaults = SCHEME_DEFAULTS[spec["scheme"]]
-    valid = ["units", "channels", *defaults] + (["segment"] if spec["scheme"] != "resnet" else [])
+    valid = ["units", "channels", *defaults] + (["segment", "exact"] if spec["scheme"] != "resnet" else [])
     unknown = set(overrides) - set(valid)
     if unknown:
         raise ValueError(f"{name} has no setting {', '.join(sorted(unknown))}; valid overrides: {', '.join(valid)}")

@@ -62,3 +62,13 @@ def test_grown_network_trains_on():
 def test_grow_refuses_schemes_without_a_step_size(name):
     with pytest.raises(ValueError, match="step size h"):
         grow(build_model(name, **KW))
+
+
+def test_grown_auto_segment_network_measures_its_new_chain():
+    torch.manual_seed(0)
+    model = build_model("hamiltonian-74", segment="auto", **KW)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    big = grow(model)
+    assert big.units[0].segment.choice is None and model.units[0].segment.choice is not None
+    big(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert big.units[0].segment.choice.stored_bytes > 0

@@ -1,0 +1,96 @@
+import pytest
+import torch
+from torch import nn
+
+from revnets import AdditiveCoupling, HamiltonianBlock, build_model, exact, reversible, sequential
+from revnets.drift import reversal_error
+
+
+def _grads(run, blocks, a, b):
+    a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    for blk in dict.fromkeys(blocks):
+        blk.zero_grad()
+    x, y = run(blocks, a, b)
+    ((x * x).sum() + y.sin().sum()).backward()
+    params = [p for blk in dict.fromkeys(blocks) for p in blk.parameters()]
+    return (x, y), torch.cat([t.flatten() for t in [a.grad, b.grad] + [p.grad for p in params]])
+
+
+def test_10000_block_hamiltonian_unit_rebuilds_its_input_bit_for_bit_and_gets_plain_autograd_gradients():
+    torch.manual_seed(0)
+    block = HamiltonianBlock(4, h=0.1).double()
+    blocks = [block] * 10_000  # one set of weights, so the test stays fast
+    a, b = torch.randn(1, 2, 4, 4, dtype=torch.float64), torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    (x, y), g = _grads(exact.reversible, blocks, a, b)
+    (x_ref, y_ref), g_ref = _grads(exact.sequential, blocks, a, b)
+    assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    assert ((g - g_ref).norm() / g_ref.norm()) < 1e-10
+    rebuilt = exact.invert_int(blocks, exact.quantize(x), exact.quantize(y), torch.float64)
+    assert torch.equal(rebuilt[0], exact.quantize(a)) and torch.equal(rebuilt[1], exact.quantize(b))
+
+
+def _unstable(n):
+    """RevNet-style dense couplings with large weights: float reversal amplifies rounding."""
+    torch.manual_seed(0)
+    def f():
+        return nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+    blocks = nn.ModuleList(AdditiveCoupling(f(), f()) for _ in range(n))
+    for m in blocks.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.75)
+    return blocks, torch.randn(4, 16), torch.randn(4, 16)
+
+
+def test_exact_reversal_keeps_the_gradients_of_an_unstable_float32_chain():
+    blocks, a, b = _unstable(64)
+    (x, y), g = _grads(exact.reversible, blocks, a, b)
+    (x_ref, y_ref), g_ref = _grads(exact.sequential, blocks, a, b)
+    assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    assert ((g - g_ref).norm() / g_ref.norm()) < 1e-5
+    _, g_float = _grads(reversible, blocks, a, b)
+    _, g_plain = _grads(sequential, blocks, a, b)
+    assert not ((g_float - g_plain).norm() / g_plain.norm()) < 0.1  # float reversal fails here (or NaN)
+
+
+def test_exact_networks_match_their_plain_autograd_twin_and_report_zero_drift():
+    torch.manual_seed(0)
+    kw = dict(units=(5, 5), channels=(8, 16), exact=True)
+    model = build_model("leapfrog-26", **kw)
+    plain = build_model("leapfrog-26", memory_efficient=False, **kw)
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(4, 3, 8, 8)
+    outs, grads = [], []
+    for m in (model, plain):
+        out = m(x)
+        out.pow(2).sum().backward()
+        outs.append(out)
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert torch.equal(outs[0], outs[1])
+    assert ((grads[0] - grads[1]).norm() / grads[1].norm()) < 1e-5
+    float_model = build_model("leapfrog-26", units=(5, 5), channels=(8, 16))
+    float_model.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert ((float_model(x) - outs[0]).norm() / outs[0].norm()) < 1e-5
+    assert reversal_error(model, x) == {"unit0": 0.0, "unit1": 0.0}
+
+
+def test_bf16_autocast_recomputation_stays_exact():
+    torch.manual_seed(0)
+    blocks = nn.ModuleList(HamiltonianBlock(8, h=0.2) for _ in range(30))
+    a, b = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (x, y), g = _grads(exact.reversible, blocks, a, b)
+        (x_ref, y_ref), g_ref = _grads(exact.sequential, blocks, a, b)
+    assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    assert ((g - g_ref).norm() / g_ref.norm()) < 1e-5
+
+
+def test_state_outside_the_fixed_point_range_is_refused():
+    block = HamiltonianBlock(4, h=0.1)
+    a = torch.full((1, 2, 4, 4), 2.0 ** 31)
+    with pytest.raises(ValueError, match="fixed-point range"):
+        exact.reversible([block], a, torch.zeros_like(a))
+    with pytest.raises(ValueError, match="frac_bits"):
+        exact.reversible([block], a, a, frac_bits=62)
+    with pytest.raises(ValueError, match="exact reversal stores no segments"):
+        build_model("hamiltonian-74", units=(3, 3), channels=(8, 16), exact=True, segment=2)
