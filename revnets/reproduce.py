@@ -186,7 +186,7 @@ def execute(run: Run, out: Path) -> dict:
 def summary_row(run: Run, summary: dict) -> dict:
     """One line of summary.csv, CSV_FIELDS, from a run and its summary.json."""
     return dict(experiment=run.experiment, run=run.name, model=run.model, fraction=run.fraction, seed=run.seed,
-                epochs=run.flags["epochs"], **{k: summary.get(k) for k in CSV_FIELDS[6:]})
+                **{k: summary.get(k) for k in CSV_FIELDS[5:]})
 
 
 def write_summary_csv(out: Path, rows: list[dict]) -> Path:

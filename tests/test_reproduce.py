@@ -135,6 +135,14 @@ def test_summary_csv_keeps_rows_of_other_runs(tmp_path):
     assert [(r["run"], r["final_acc"]) for r in rows] == [("a-s0", 0.5), ("b-s0", 0.25)]
 
 
+def test_summary_row_takes_the_epochs_of_train_defaults_from_the_summary():
+    (run,) = reproduce.grid("table1", "paper", {}, models=["hamiltonian-74"])
+    assert "epochs" not in run.flags  # the paper budget leaves the recipe to `revnets train`
+    row = reproduce.summary_row(run, dict(epochs=160, final_acc=0.9, best_acc=0.91, wall_s=1.0, peak_mb=2.0,
+                                          params=3))
+    assert row["epochs"] == 160 and row["run"] == "hamiltonian-74-s0" and list(row) == list(reproduce.CSV_FIELDS)
+
+
 def test_plot_without_results_is_a_clear_error(tmp_path, capsys):
     assert main(["reproduce", "deep", "--out", str(tmp_path), "--plot"]) == 2
     assert "no finished deep runs" in capsys.readouterr().err
