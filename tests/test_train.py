@@ -173,3 +173,15 @@ def test_growth_doubles_the_blocks_and_a_resumed_run_grows_before_loading(tmp_pa
     drift = [float(r["drift_max"]) for r in rows]
     assert all(0 <= d < 1e-4 for d in drift)  # float32 Hamiltonian reversal on digits: tiny, measured each epoch
     assert [r["test_acc"] for r in rows] == [r["test_acc"] for r in _metrics(tmp_path / "killed")]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_epoch_bar_shows_loss_accuracy_and_throughput_only_when_enabled(enabled, capsys):
+    calls = []
+    bar = progress.EpochBar(30, 1, 2, enabled=enabled, every=10)
+    for _ in range(30):
+        bar.step(lambda: calls.append(1) or (0.5, 0.25, 1234.0))
+    assert (getattr(bar.bar, "postfix", None) == "loss 0.5000 acc 25.00% 1,234 img/s") == enabled  # tqdm draws it with the ETA
+    bar.close()
+    assert len(calls) == (4 if enabled else 0)  # batches 0, 10, 20 and the last: stats() may wait for a GPU
+    assert ("epoch 1/2" in capsys.readouterr().out) == enabled
