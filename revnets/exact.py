@@ -45,7 +45,7 @@ def dequantize(q: Tensor, dtype: torch.dtype, frac_bits: int = FRAC_BITS) -> Ten
 
 
 def forward_int(blocks: Sequence[ReversibleBlock], qa: Tensor, qb: Tensor, dtype: torch.dtype,
-            frac_bits: int = FRAC_BITS) -> tuple[Tensor, Tensor]:
+                frac_bits: int = FRAC_BITS) -> tuple[Tensor, Tensor]:
     """Run the couplings on the integer state (qa, qb); each update is evaluated in `dtype`.
 
     Raises ValueError when a state or increment leaves the range |x| < 2^(62 - f).
@@ -63,7 +63,7 @@ def forward_int(blocks: Sequence[ReversibleBlock], qa: Tensor, qb: Tensor, dtype
 
 
 def invert_int(blocks: Sequence[ReversibleBlock], qa: Tensor, qb: Tensor, dtype: torch.dtype,
-           frac_bits: int = FRAC_BITS) -> tuple[Tensor, Tensor]:
+               frac_bits: int = FRAC_BITS) -> tuple[Tensor, Tensor]:
     """Rebuild the integer input of `forward_int` from its output, bit for bit."""
     for block in reversed(blocks):
         for coupling in reversed(block.couplings()):
