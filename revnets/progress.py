@@ -10,8 +10,6 @@ import os
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
 FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "images_per_s", "peak_mb")
 
 
@@ -23,6 +21,7 @@ class EpochBar:
     """
 
     def __init__(self, total: int, epoch: int, epochs: int, enabled: bool | None = None, every: int = 10):
+        from tqdm import tqdm  # the `train` extra; imported here so that `revnets --help` works without it
         self.enabled = sys.stdout.isatty() if enabled is None else enabled
         self.every = every
         self.bar = tqdm(total=total, desc=f"epoch {epoch}/{epochs}", file=sys.stdout, leave=False,

@@ -11,9 +11,10 @@ per epoch), last.pt and best.pt (written atomically each epoch) and summary.json
 continues DIR from last.pt (model, optimiser, scheduler, RNG, epoch): on CPU with a fixed seed the
 result is bitwise that of an uninterrupted run, because batches depend only on (seed, epoch).
 
-Under torchrun (RANK and WORLD_SIZE set) each process trains on its share of every global batch
-with DistributedDataParallel (nccl on CUDA, gloo on CPU); BatchNorm uses per-process statistics;
-metrics are summed over processes; only rank 0 writes files.
+Under torchrun (RANK and WORLD_SIZE set; ``torchrun --nproc_per_node N -m revnets.cli train ...``)
+each process trains on its share of every global batch with DistributedDataParallel (nccl on CUDA,
+gloo on CPU); BatchNorm uses per-process statistics; metrics are summed over processes; only rank 0
+writes files.
 
 --grow-at E: at the start of epoch E (after E epochs) every reversible block is split in two with
 h halved (`revnets.multilevel.grow`). The optimiser then keeps its settings and schedule position
