@@ -205,12 +205,14 @@ def _main(args: argparse.Namespace) -> int:
 
 def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     """(rank, world_size, this process's device); joins torchrun's process group if there is one."""
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if not dist.is_initialized():
+    distributed = dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not distributed:
         return 0, 1, torch.device(device)
-    if device == "cuda":
+    if device == "cuda":  # one GPU per process
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size(), torch.device(device)
 
 
