@@ -170,7 +170,7 @@ def _folder(root: Path) -> Dataset:
     if not (root / "train").is_dir():
         raise FileNotFoundError(f"{root / 'train'} not found: expected ROOT/train/<class>/*.png|jpg and "
                                 f"ROOT/test/<class>/... with ROOT = {root}")
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    classes = _class_dirs(root / "train")
     files = {split: _image_files(root, split, classes) for split in ("train", "test")}
     key = hashlib.sha1(repr((classes, files)).encode()).hexdigest()  # names, labels, mtimes and sizes
     caches = [root / ".revnets-cache.npz", Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
@@ -197,11 +197,16 @@ def _read_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:
         return None
 
 
+def _class_dirs(split_dir: Path) -> list[str]:
+    """Sorted names of the class folders (hidden ones such as .ipynb_checkpoints are not classes)."""
+    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 def _image_files(root: Path, split: str, classes: list[str]) -> list[tuple[str, int, int, int]]:
     """(path relative to root, label, mtime_ns, size) of each image in root/split/<class>/, sorted."""
     if not (root / split).is_dir():
         raise FileNotFoundError(f"{root / split} not found: expected {root / split}/<class>/*.png|jpg")
-    unknown = sorted({d.name for d in (root / split).iterdir() if d.is_dir()} - set(classes))
+    unknown = sorted(set(_class_dirs(root / split)) - set(classes))
     if unknown:
         raise ValueError(f"{root / split} has classes {unknown} that {root / 'train'} lacks")
     files = []

@@ -166,6 +166,7 @@ def test_folder_png_and_jpg(tmp_path):
     _image(tmp_path, "train/dog/a.JPG", np.full((6, 5, 3), 200, np.uint8))
     _image(tmp_path, "train/cat/x.jpeg", np.full((6, 5, 3), 50, np.uint8))
     (tmp_path / "train/cat/notes.txt").write_text("ignored")
+    (tmp_path / "train/.ipynb_checkpoints").mkdir()
     _image(tmp_path, "test/dog/c.png", png[::-1].copy())
     d = data.load_dataset("folder", tmp_path)
     assert d.classes == ["cat", "dog"] and d.padding == 4
