@@ -77,7 +77,8 @@ def measure(name: str, mode: str, batch: int, size: int, device: str, amp: str |
         times.append(time.perf_counter() - t)
     peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     out = dict(model=name, mode=mode, amp=amp or "fp32", ms=1e3 * statistics.median(times[1:]),
-               peak_mb=(peak - base) / 2**20, **{k: str(v) for k, v in overrides.items()})
+               peak_mb=(peak - base) / 2**20, param_mb=sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+               **{k: str(v) for k, v in overrides.items()})
     if grad_error:
         g = grad_vector(model)
         ref = build(name, "plain", torch.float64, **overrides).to(device)  # same seed: same weights

@@ -40,13 +40,15 @@ def main() -> None:
             row["blocks per unit"] = n
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
-    table = markdown(rows, ["model", "blocks per unit", "mode", "ms", "peak_mb"])
+    table = markdown(rows, ["model", "blocks per unit", "mode", "ms", "peak_mb", "param_mb"])
     print(table)
     if args.record:
         record("Memory and time versus depth", args.device, table,
                f"One training step (forward, cross-entropy, backward) of `{args.model}` with units of n blocks, "
                f"channels {args.channels}, batch {args.batch}, {args.size}x{args.size} inputs; peak_mb is the "
-               "peak memory of the step above what the process held before it (CPU: resident set, GPU: allocator).")
+               "peak memory of the step above what the process held before it (CPU: resident set, GPU: allocator), after "
+               "the model was built: gradients included (param_mb is the size of the parameters, and so of their "
+               "gradients).")
 
 
 if __name__ == "__main__":
