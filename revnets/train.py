@@ -3,8 +3,8 @@
 Recipe (Appendix): SGD with momentum 0.9, learning rate 0.1 divided by 10 at epochs 80, 120 and
 160, weight decay 2e-4 and weight smoothness decay 2e-4 (Eq. 22), batch 100 for 160 epochs (the
 paper's 80K steps at 500 steps per epoch). STL-10: decays at 60, 80 and 100, weight decay 5e-4,
-smoothness 3e-4, batch 128, 500 epochs (the paper's 20K steps at 40 steps per epoch). A flag that is
-given overrides the recipe. Weight decay applies to every parameter, as in the paper's SGD.
+smoothness 3e-4, batch 128, 500 epochs (about the paper's 20K steps: 39 steps per epoch). A flag
+that is given overrides the recipe. Weight decay applies to every parameter, as in the paper's SGD.
 
 A run directory (--out) holds config.json (every setting, library versions), metrics.csv (one row
 per epoch), last.pt and best.pt (written atomically each epoch) and summary.json. `--resume DIR`
