@@ -4,6 +4,7 @@ Each command module defines `add_parser(subparsers)`, which registers its subcom
 `func(args) -> int` as the parser default. Bad arguments end with one clear line and exit code 2.
 """
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"revnets {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
