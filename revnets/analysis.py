@@ -202,7 +202,8 @@ def eq21_roots(alpha: float, beta: float) -> tuple[complex, complex]:
     """Roots of xi^2 - (2 + alpha beta) xi + 1 = 0 (Eq. 21): xi = a +- sqrt(a^2 - 1), a = 1 + alpha beta / 2.
 
     Their product is 1, so |xi| = 1 for both exactly when -4 <= alpha beta <= 0 (|a| <= 1);
-    otherwise one root has |xi| > 1 and the linear RevNet grows like |xi|^N.
+    otherwise one root has |xi| > 1 and the linear RevNet grows like |xi|^N. At the ends of the band
+    (alpha beta = 0 or -4) the root is double and perturbations still grow linearly in N.
     """
     a = 1 + alpha * beta / 2
     s = cmath.sqrt(a * a - 1)

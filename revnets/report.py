@@ -153,13 +153,15 @@ def plot(report: dict, spectra: dict[str, torch.Tensor], out: Path) -> list[Path
     for ax, (label, values) in zip(axes[0], spectra.items()):
         ax.scatter(values.real, values.imag, s=4)
         ax.axvline(0, color="k", lw=0.5)
-        ax.set(title=f"{label}\nmax Re = {archs[label]['spectrum']['max_real']:.2g}", xlabel="Re", ylabel="Im")
+        title = label.replace(" (", "\n(")  # a checkpoint's path on its own line
+        ax.set_title(f"{title}\nmax Re = {archs[label]['spectrum']['max_real']:.2g}", fontsize="small")
+        ax.set(xlabel="Re", ylabel="Im")
     paths = [_save(fig, out / "stability-eigenvalues.png")]
     plt.close(fig)
     curves = {"growth": ("growth", ("time-invariant", "random"), "||dx_N|| / ||dx_0|| (Eq. 4)"),
               "reversal": ("reversal_error", tuple(DTYPES), "relative reversal error")}
     for name, (key, kinds, ylabel) in curves.items():
-        fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+        fig, ax = plt.subplots(figsize=(9, 4.5), layout="constrained")
         for i, (label, entry) in enumerate(archs.items()):
             rows = [r for r in entry["per_depth"] if r["depth"] > 0]
             for kind, style in zip(kinds, ("-", "--", ":")):
@@ -167,7 +169,7 @@ def plot(report: dict, spectra: dict[str, torch.Tensor], out: Path) -> list[Path
                         color=f"C{i}", label=f"{label} ({kind})")
         ax.set(xscale="log", yscale="log", xlabel="depth N (blocks)", ylabel=ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="x-small")
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1))
         paths.append(_save(fig, out / f"stability-{name}.png"))
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
@@ -184,7 +186,8 @@ def plot(report: dict, spectra: dict[str, torch.Tensor], out: Path) -> list[Path
 
 
 def _nan(value: float | None) -> float:
-    return math.nan if value is None else value
+    """A plottable value on a log axis: None and 0 (an exact reversal) become NaN."""
+    return math.nan if not value else value
 
 
 def _models(args: argparse.Namespace) -> list[tuple[str, Network]]:
