@@ -12,7 +12,7 @@ of `--batch` random `--size`x`--size` images. Three tables:
    exact fixed-point reversal (`exact=True`, int64 state, 32 fraction bits, float32 updates);
 2. gradient error ||g - g64|| / ||g64|| of one cross-entropy step against float64 plain autograd,
    for float32 plain autograd, pure reversal, segment storage with k chosen by `segment="auto"`
-   (tolerance 1e-3) and exact reversal; the bytes each keeps for the backward (saved tensors,
+   (tolerance 1e-5) and exact reversal; the bytes each keeps for the backward (saved tensors,
    parameters excluded) and its step time (median of `--repeats`, interleaved);
 3. the accuracy cost of exact reversal in training: a small Hamiltonian network trained on
    scikit-learn's 8x8 digits with the float32 engine and with exact=True from the same weights and
@@ -177,7 +177,7 @@ def main() -> None:
                "inputs, default weights. Table 1: reversal error of the chain's input (float64/float32/bf16: the "
                "whole model in that dtype; exact: int64 state with 32 fraction bits; range: the state left the "
                "fixed-point range |x| < 2^30 and exact mode refused to run). Table 2 (float32): gradient "
-               "error against float64 plain autograd; k: segment length chosen by segment='auto' (tolerance 1e-3, "
+               "error against float64 plain autograd; k: segment length chosen by segment='auto' (tolerance 1e-5, "
                "inf = pure reversal); KB: saved tensors kept for the backward; ms: one training step, median of "
                f"{args.repeats}. Table 3: hamiltonian units=(6, 6), channels=(16, 32) on scikit-learn digits "
                "(1,500 train / 297 test), SGD lr 0.05, momentum 0.9, batch 64, float32 engine vs exact=True from "

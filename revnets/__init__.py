@@ -11,4 +11,5 @@ from . import exact
 __version__ = "0.1.0"
 __all__ = ["AdditiveCoupling", "BasicBlock", "Coupling", "HamiltonianBlock", "LeapfrogBlock", "MidPointBlock",
            "ReversibleBlock", "RevNetBlock", "MODELS", "Network", "build_model", "list_models",
-           "smoothness_penalty", "invert", "reversible", "sequential", "DriftMonitor", "reversal_error", "grow"]
+           "smoothness_penalty", "invert", "reversible", "sequential", "DriftMonitor", "reversal_error", "grow",
+           "exact"]
