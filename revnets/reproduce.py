@@ -24,7 +24,7 @@ import json
 import os
 import shlex
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 EXPERIMENTS = ("table1", "subsampling", "deep")
@@ -109,15 +109,19 @@ def _to_argv(flags: dict) -> list[str]:
     return argv
 
 
-def grid(experiment: str, budget: str, data: dict, models=None, fractions=None, seeds=None) -> list[Run]:
+def grid(experiment: str, budget: str, data: dict, models=None, fractions=None, seeds=None,
+         lr: float | None = None) -> list[Run]:
     """The runs of `experiment` at `budget`; `data` holds the dataset flags shared by every run.
 
-    `models`, `fractions` and `seeds` restrict the grid (None: the recipe's).
+    `models`, `fractions` and `seeds` restrict the grid (None: the recipe's); `lr` replaces the
+    recipe's learning rate (a learning-rate sweep: give each value its own --out).
     """
     if (experiment, budget) not in RECIPES:
         valid = sorted(b for e, b in RECIPES if e == experiment)
         raise ValueError(f"{experiment} has no budget {budget!r}; expected one of {', '.join(valid)}")
     recipe = RECIPES[experiment, budget]
+    if lr is not None:
+        recipe = replace(recipe, train={**recipe.train, "lr": lr})
     models = _check_subset("model", models, tuple(recipe.models))
     runs = []
     for label in models:
@@ -172,15 +176,25 @@ def run_grid(runs: list[Run], out: Path) -> list[dict]:
 def execute(run: Run, out: Path) -> dict:
     """The summary of `run`: read when it finished before, else from training (resumed from last.pt)."""
     from . import train
-    run_dir = out / run.name
+    run_dir, argv = out / run.name, run.argv(out)
     if (run_dir / "summary.json").exists():
+        _check_settings(run_dir, train.parse_config(argv), train.Config)
         print(f"  finished before: {run_dir / 'summary.json'}", flush=True)
         return json.loads((run_dir / "summary.json").read_text())
-    argv = run.argv(out)
     if (run_dir / "last.pt").exists():
         print(f"  resuming from {run_dir / 'last.pt'}", flush=True)
         argv += ["--resume", str(run_dir)]
     return train.train(train.parse_config(argv))
+
+
+def _check_settings(run_dir: Path, wanted, config_cls) -> None:
+    """ValueError unless the finished run in run_dir was trained with the settings `wanted`."""
+    saved = config_cls.from_dict(json.loads((run_dir / "config.json").read_text()))
+    differ = [f"{k}={getattr(saved, k)!r} (grid: {v!r})" for k, v in vars(wanted).items()
+              if k not in ("out", "resume", "device") and getattr(saved, k) != v]
+    if differ:
+        raise ValueError(f"{run_dir} holds a run with other settings: {', '.join(differ)}; "
+                         "use another --out for another budget or learning rate")
 
 
 def summary_row(run: Run, summary: dict) -> dict:
@@ -279,6 +293,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--models", nargs="+", help="run only these models of the grid")
     p.add_argument("--fractions", nargs="+", type=float, help="run only these training fractions")
     p.add_argument("--seeds", nargs="+", type=int, help="run only these seeds")
+    p.add_argument("--lr", type=float, help="learning rate of every run instead of the budget's (use its own --out)")
     p.add_argument("--dry-run", action="store_true", help="print the train commands, run nothing")
     p.add_argument("--plot", action="store_true", help="only redraw the figure from finished runs")
     p.set_defaults(func=main)
@@ -289,7 +304,7 @@ def main(args: argparse.Namespace) -> int:
         print(plot(args.experiment, args.out))
         return 0
     data = {k: v for k, v in dict(dataset=args.dataset, data_dir=args.data_dir, device=args.device).items() if v}
-    runs = grid(args.experiment, args.budget, data, args.models, args.fractions, args.seeds)
+    runs = grid(args.experiment, args.budget, data, args.models, args.fractions, args.seeds, args.lr)
     if args.dry_run:
         print("\n".join(run.command(args.out) for run in runs))
         return 0

@@ -60,6 +60,12 @@ def test_second_invocation_skips_finished_runs(folder, tmp_path, monkeypatch):
     assert [p.stat().st_mtime_ns for p in summaries] == mtimes
 
 
+def test_a_finished_run_with_other_settings_is_refused(folder, tmp_path, capsys):
+    assert reproduce_cli("subsampling", tmp_path, folder, "--models", "hamiltonian-4x4") == 0
+    assert reproduce_cli("subsampling", tmp_path, folder, "--models", "hamiltonian-4x4", "--lr", "0.5") == 2
+    assert "holds a run with other settings: lr=0.1 (grid: 0.5)" in capsys.readouterr().err
+
+
 def test_interrupted_run_is_resumed_from_last_checkpoint(folder, tmp_path, monkeypatch):
     assert reproduce_cli("subsampling", tmp_path, folder) == 0
     run = reproduce.grid("subsampling", "tiny", {})[0]
@@ -105,6 +111,13 @@ def test_subsampling_runs_see_the_same_number_of_images_up_to_the_epoch_cap():
 def test_a_batch_cut_to_the_subset_scales_the_learning_rate():
     (run,) = reproduce.grid("subsampling", "small", {}, models=["resnet-4x4"], fractions=[0.001], seeds=[0])
     assert run.flags["batch_size"] == 50 and run.flags["lr"] == pytest.approx(0.4 * 50 / 512, rel=1e-2)
+
+
+def test_lr_replaces_the_budget_learning_rate_before_the_batch_scaling():
+    (run,) = reproduce.grid("subsampling", "small", {}, models=["resnet-4x4"], fractions=[0.001], seeds=[0], lr=0.2)
+    assert run.flags["lr"] == pytest.approx(0.2 * 50 / 512, rel=1e-2)
+    (run,) = reproduce.grid("table1", "paper", {}, models=["resnet-32"], lr=0.05)
+    assert run.flags["lr"] == 0.05
 
 
 def test_grid_names_are_unique_and_restrictable():
