@@ -26,7 +26,7 @@ def reversal_error(model: Network, x: Tensor) -> dict[str, float]:
     """Relative error of rebuilding each reversible unit's chain input after one forward on `x`.
 
     `x`: the network's input (N, C, H, W). Returns {"unit0": e0, ...}, keyed by the unit's index in
-    `model.units` (non-reversible units, as in ResNet, have no entry). Runs the model in its current
+    `model.units` (non-reversible units, as in ResNet, have no key). Runs the model in its current
     mode (train mode normalises with batch statistics) without updating BatchNorm running
     statistics, and without building a graph.
     """
