@@ -12,7 +12,9 @@ like exp(lambda t) (Eq. 4), with lambda bounded by max Re(eig J) (Eq. 5). The pa
 eigenvalues purely imaginary for the three stable schemes (Appendix); an unconstrained coupling
 has eigenvalues +-sqrt(eig(F' G')), real and positive in general.
 
-Measurements here, all in float64 unless a dtype is asked for:
+Blocks are measured as fixed functions: on private copies in evaluation mode, so BatchNorm inside a
+residual function is the affine map of its running statistics (K^T D K keeps the structure of Eq. 10
+while its scale gamma >= 0). Measurements here, all in float64 unless a dtype is asked for:
   * `eigenvalues`: the exact spectrum from the dense Jacobian (small states);
     `ritz_values`: Arnoldi iteration with Jacobian-vector products only (large states);
   * `growth`: ||dx_N|| / ||dx_0|| through N blocks by forward-mode differentiation (Eq. 4);
@@ -87,7 +89,7 @@ def eigenvalues(block: ReversibleBlock, a: Tensor, b: Tensor) -> Tensor:
     thousand (a batch of one image). With ReLU, J has Jordan blocks at 0, so rounding can move the
     zero eigenvalues off the axis by ~1e-8; smooth activations give ~1e-15.
     """
-    block = copy.deepcopy(block).double()
+    block = copy.deepcopy(block).double().eval()
     field, x = vector_field(block, a.double(), b.double())
     with torch.no_grad():
         return torch.linalg.eigvals(jacobian(field, x))
@@ -128,7 +130,7 @@ def ritz_values(block: ReversibleBlock, a: Tensor, b: Tensor, steps: int = 60,
     Returns (values, residuals) as `arnoldi`. The extreme eigenvalues (largest |lambda|) converge
     first; a Ritz value is trustworthy when its residual is small against |lambda|.
     """
-    block = copy.deepcopy(block).double()
+    block = copy.deepcopy(block).double().eval()
     field, x = vector_field(block, a.double(), b.double())
     v0 = torch.randn(x.numel(), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
@@ -154,10 +156,10 @@ def spectral_estimate(values: Tensor, residuals: Tensor | None = None, tol: floa
 
 
 def _cast(blocks: Sequence[nn.Module], dtype: torch.dtype) -> list[nn.Module]:
-    """A copy of the chain in `dtype`; a block repeated in the chain stays one shared copy."""
+    """A copy of the chain in `dtype`, in evaluation mode; a block repeated in the chain stays one shared copy."""
     blocks = copy.deepcopy(list(blocks))
     for block in {id(b): b for b in blocks}.values():
-        block.to(dtype)
+        block.to(dtype).eval()
     return blocks
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .networks import build_model
+from .networks import NORMS, build_model
 
 KEYS = ("model", "config", "epoch")
 
@@ -68,7 +68,11 @@ def _reason(e: Exception, marker: str = "") -> str:
 def model_from_config(config: dict, num_classes: int, in_channels: int, grown: int = 0) -> nn.Module:
     """The network a run with `config` trains (before its weights are loaded), after `grown` growths."""
     overrides = {k: (tuple(config[k]) if k in ("units", "channels") else config[k])
-                 for k in ("units", "channels", "h") if config.get(k) is not None}
+                 for k in ("units", "channels", "h", "exact") if config.get(k)}
+    if config.get("norm"):
+        overrides["norm"] = NORMS[config["norm"]]
+    if config.get("segment"):
+        overrides["segment"] = config["segment"] if config["segment"] == "auto" else int(config["segment"])
     model = build_model(config["model"], num_classes=num_classes, in_channels=in_channels,
                         memory_efficient=not config.get("plain", False), **overrides)
     if grown:

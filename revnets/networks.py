@@ -155,6 +155,9 @@ PAPER_PARAMS: dict[str, tuple[float, float | None]] = {
     "leapfrog-26": (0.50, 0.51), "leapfrog-62": (1.78, 1.79),
 }
 
+# Normalisations inside the residual functions, by the name `revnets train --norm` takes.
+NORMS: dict[str, type[nn.Module] | None] = {"batch": nn.BatchNorm2d, "none": None}
+
 # Per-scheme defaults of the residual functions. BatchNorm inside K^T s(N(K y + b)) and h = 0.1
 # trained best of {no norm, BatchNorm} x {0.1, 1.0} in benchmarks/defaults.py (README, "Defaults").
 SCHEME_DEFAULTS: dict[str, dict] = {

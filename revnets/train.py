@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__, checkpoint, data
-from .networks import MODELS, SCHEME_DEFAULTS
+from .networks import MODELS, NORMS, SCHEME_DEFAULTS
 from .progress import FIELDS, EpochBar, MetricsCSV, epoch_line, tensorboard_writer
 from .regularization import smoothness_penalty
 
@@ -57,6 +57,9 @@ class Config:
     units: tuple[int, ...] | None = None
     channels: tuple[int, ...] | None = None
     h: float | None = None
+    norm: str | None = None
+    segment: str | None = None
+    exact: bool = False
     plain: bool = False
     epochs: int | None = None
     batch_size: int | None = None
@@ -107,6 +110,10 @@ class Config:
         for key in ("epochs", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key.replace('_', '-')} must be at least 1; got {getattr(self, key)}")
+        if self.norm not in (None, *NORMS):
+            raise ValueError(f"unknown --norm {self.norm!r}; expected one of {', '.join(NORMS)}")
+        if self.segment is not None and self.segment != "auto" and not (self.segment.isdigit() and int(self.segment)):
+            raise ValueError(f"--segment must be 'auto' or a positive number of blocks; got {self.segment!r}")
         if self.drift_every < 0:
             raise ValueError(f"--drift-every must be >= 0 (0: off); got {self.drift_every}")
         if self.grow_at and "h" not in SCHEME_DEFAULTS[MODELS[self.model]["scheme"]]:
@@ -138,6 +145,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--units", type=int, nargs="+", metavar="N", help="blocks per unit, e.g. 2 2 2 (default: the model's)")
     a("--channels", type=int, nargs="+", metavar="C", help="channels per unit (default: the model's)")
     a("--h", type=float, help="step size of the reversible blocks (default: the scheme's)")
+    a("--norm", help=f"normalisation inside the residual functions: {', '.join(NORMS)} (default: batch)")
+    a("--segment", help="store the state every K blocks ('auto': K from the measured drift; default: never)")
+    a("--exact", action="store_true", help="fixed-point state: bit-exact reversal at any depth")
     a("--plain", action="store_true", help="store activations (plain autograd) instead of rebuilding them")
     a("--epochs", type=int, help="default: 160 (500 for stl10)")
     a("--batch-size", type=int, help="global batch (default: 100; 128 for stl10)")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from revnets import checkpoint, cli, data, progress, train
+from revnets.engine import AutoSegment
 
 TINY = ["--model", "hamiltonian-74", "--units", "1", "1", "1", "--channels", "8", "16", "32",
         "--batch-size", "200"]
@@ -186,3 +187,21 @@ def test_epoch_bar_shows_loss_accuracy_and_throughput_only_when_enabled(enabled,
     bar.close()
     assert len(calls) == (4 if enabled else 0)  # batches 0, 10, 20 and the last: stats() may wait for a GPU
     assert ("epoch 1/2" in capsys.readouterr().out) == enabled
+
+
+@pytest.mark.parametrize("flags, check", [
+    (["--norm", "none"], lambda unit: not any(isinstance(m, torch.nn.BatchNorm2d) for m in unit.blocks.modules())),
+    (["--segment", "2"], lambda unit: unit.segment == 2),
+    (["--segment", "auto"], lambda unit: isinstance(unit.segment, AutoSegment)),
+    (["--exact"], lambda unit: unit.exact),
+])
+def test_block_flags_reach_the_network_and_its_checkpoint(tmp_path, flags, check):
+    _run(tmp_path / "run", "--epochs", "1", "--units", "3", "3", "3", *flags)
+    model, _ = checkpoint.load_model(tmp_path / "run" / "last.pt")
+    assert all(check(unit) for unit in model.units)
+
+
+@pytest.mark.parametrize("flags", [["--segment", "0"], ["--segment", "many"], ["--norm", "layer"]])
+def test_bad_block_flags_end_with_one_line(tmp_path, capsys, flags):
+    assert cli.main(["train", *TINY, "--out", str(tmp_path / "run"), *flags]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
