@@ -260,8 +260,11 @@ def _plot_fractions(ax, rows: list[dict], out: Path) -> None:
         accs = [[r["final_acc"] for r in rows if r["model"] == model and r["fraction"] == f] for f in fractions]
         ax.errorbar([100 * f for f in fractions], [100 * np.mean(a) for a in accs],
                     yerr=[100 * np.std(a) for a in accs], marker="o", capsize=3, label=model)
-    ax.set(xscale="log", xlabel="training data (% of CIFAR-10)", ylabel="test accuracy (%)")
-    ax.legend()
+    percents = sorted({100 * r["fraction"] for r in rows})
+    ax.set(xscale="log", xlabel="training data (% of the training set)", ylabel="test accuracy (%)")
+    ax.set_xticks(percents, [f"{p:g}%" for p in percents], minor=False)
+    ax.minorticks_off()
+    ax.legend(title="mean and std over seeds")
 
 
 def _plot_curves(ax, rows: list[dict], out: Path) -> None:
@@ -269,8 +272,9 @@ def _plot_curves(ax, rows: list[dict], out: Path) -> None:
     from .plot import read_metrics
     for row in rows:
         metrics = read_metrics(out / row["run"])
-        ax.plot(metrics["epoch"], [100 * a for a in metrics["test_acc"]], label=row["model"])
-    ax.set(xlabel="epoch", ylabel="test accuracy (%)")
+        ax.plot(metrics["epoch"], [100 * a for a in metrics["test_acc"]], marker=".",
+                label=f"{row['model']} ({100 * row['final_acc']:.2f}%)")
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy per epoch (final in brackets)")
     ax.legend(fontsize="small")
 
 
@@ -278,7 +282,7 @@ def _plot_memory(ax, rows: list[dict], out: Path) -> None:
     """1,202 layers: peak memory (MB) of each run, its final accuracy written on the bar."""
     bars = ax.bar([r["run"] for r in rows], [r["peak_mb"] or 0 for r in rows])
     ax.bar_label(bars, [f"{100 * r['final_acc']:.2f}%" for r in rows])
-    ax.set(ylabel="peak memory (MB)")
+    ax.set(ylabel="peak memory (MB)", title="peak memory of each run (final test accuracy on its bar)")
 
 
 def add_parser(subparsers) -> None:
