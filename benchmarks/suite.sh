@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole benchmark suite in one command; every script appends a dated section to BENCHMARKS.md.
-#   bash benchmarks/suite.sh          # on a GPU machine: the issue's tables (H100 settings)
+#   bash benchmarks/suite.sh          # on a GPU machine: the issue's tables (H100 settings);
+#                                     # CIFAR_DIR (default /tmp/cifar10) is the CIFAR-10 image folder
 #   bash benchmarks/suite.sh --cpu    # on a CPU: the same scripts at sizes that finish in minutes
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -15,4 +16,5 @@ else
   python deep.py --amp bfloat16 --record
   python throughput.py --record
   python floor.py --amp bfloat16 --record
+  python train_cifar.py --data-dir "${CIFAR_DIR:-/tmp/cifar10}" --record
 fi
