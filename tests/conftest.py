@@ -1,0 +1,10 @@
+"""One thread per test process. CI has 2 cores, and several tests start more processes (DDP
+workers, the CLI, benchmark children): with torch's default of one thread per core they
+oversubscribe the machine and the suite runs several times slower."""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported; child processes inherit it
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
