@@ -10,8 +10,15 @@ import sys
 from . import __version__
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the subcommands' parsers inherit this class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="revnets", description="Stable reversible residual networks.")
+    parser = _Parser(prog="revnets", description="Stable reversible residual networks.")
     parser.add_argument("--version", action="version", version=f"revnets {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in _command_modules():

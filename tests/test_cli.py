@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from revnets.cli import main
 
 
@@ -19,3 +21,11 @@ def test_help_lists_every_command():
     done = subprocess.run([sys.executable, "-m", "revnets.cli", "--help"], capture_output=True, text=True)
     for command in ("train", "eval", "models", "plot", "analyze", "reproduce"):
         assert command in done.stdout
+
+
+@pytest.mark.parametrize("argv", [["train", "--schedule", "bogus"], ["train", "--bogus"], ["analyze"], ["frobnicate"]])
+def test_a_usage_error_is_one_line_and_exit_code_2(argv, capsys):
+    with pytest.raises(SystemExit) as end:
+        main(argv)
+    err = capsys.readouterr().err
+    assert end.value.code == 2 and len(err.strip().splitlines()) == 1 and "error:" in err
