@@ -27,6 +27,8 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .networks import MODELS
+
 EXPERIMENTS = ("table1", "subsampling", "deep")
 BUDGETS = ("tiny", "cpu", "small", "paper")
 CSV_FIELDS = ("experiment", "run", "model", "fraction", "seed", "epochs", "final_acc", "best_acc", "wall_s",
@@ -36,6 +38,7 @@ FIGURE3_FRACTIONS = (0.2, 0.1, 0.05, 0.04, 0.03, 0.02, 0.01, 0.005, 0.002, 0.001
 
 TABLE1_ROW1 = ("resnet-32", "revnet-38", "hamiltonian-74", "midpoint-26", "leapfrog-26")
 TABLE1_ROW2 = ("resnet-110", "revnet-110", "hamiltonian-218", "midpoint-62", "leapfrog-62")
+STABLE_SCHEMES = ("hamiltonian", "midpoint", "leapfrog")
 FIGURE3_MODELS = {"hamiltonian-4x4": "hamiltonian-74", "resnet-4x4": "resnet-32"}
 DEEP_MODELS = {"hamiltonian-1202": "hamiltonian-1202", "resnet-1202": "resnet-1202"}
 FIGURE3_NET = dict(units=(4, 4, 4, 4), channels=(16, 64, 128, 256))
@@ -110,11 +113,13 @@ def _to_argv(flags: dict) -> list[str]:
 
 
 def grid(experiment: str, budget: str, data: dict, models=None, fractions=None, seeds=None,
-         lr: float | None = None) -> list[Run]:
+         lr: float | None = None, norm: str | None = None) -> list[Run]:
     """The runs of `experiment` at `budget`; `data` holds the dataset flags shared by every run.
 
     `models`, `fractions` and `seeds` restrict the grid (None: the recipe's); `lr` replaces the
-    recipe's learning rate (a learning-rate sweep: give each value its own --out).
+    recipe's learning rate (a learning-rate sweep: give each value its own --out); `norm` is the
+    normalisation inside the Hamiltonian, MidPoint and Leapfrog residual functions (`revnets train
+    --norm`; ResNet and RevNet keep their BatchNorm).
     """
     if (experiment, budget) not in RECIPES:
         valid = sorted(b for e, b in RECIPES if e == experiment)
@@ -130,6 +135,8 @@ def grid(experiment: str, budget: str, data: dict, models=None, fractions=None, 
                 raise ValueError(f"training fractions must lie in (0, 1]; got {fraction}")
             for seed in seeds if seeds is not None else recipe.seeds:
                 flags = dict(model=recipe.models[label], **data, **recipe.train, seed=seed)
+                if norm and MODELS[flags["model"]]["scheme"] in STABLE_SCHEMES:
+                    flags["norm"] = norm
                 if fraction < 1:
                     flags["train_fraction"] = fraction
                 if recipe.images:
@@ -298,6 +305,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--fractions", nargs="+", type=float, help="run only these training fractions")
     p.add_argument("--seeds", nargs="+", type=int, help="run only these seeds")
     p.add_argument("--lr", type=float, help="learning rate of every run instead of the budget's (use its own --out)")
+    p.add_argument("--norm", help="normalisation inside the Hamiltonian, MidPoint and Leapfrog residual functions "
+                                  "(revnets train --norm: batch or none; default: batch)")
     p.add_argument("--dry-run", action="store_true", help="print the train commands, run nothing")
     p.add_argument("--plot", action="store_true", help="only redraw the figure from finished runs")
     p.set_defaults(func=main)
@@ -308,7 +317,7 @@ def main(args: argparse.Namespace) -> int:
         print(plot(args.experiment, args.out))
         return 0
     data = {k: v for k, v in dict(dataset=args.dataset, data_dir=args.data_dir, device=args.device).items() if v}
-    runs = grid(args.experiment, args.budget, data, args.models, args.fractions, args.seeds, args.lr)
+    runs = grid(args.experiment, args.budget, data, args.models, args.fractions, args.seeds, args.lr, args.norm)
     if args.dry_run:
         print("\n".join(run.command(args.out) for run in runs))
         return 0

@@ -159,3 +159,11 @@ def test_summary_row_takes_the_epochs_of_train_defaults_from_the_summary():
 def test_plot_without_results_is_a_clear_error(tmp_path, capsys):
     assert main(["reproduce", "deep", "--out", str(tmp_path), "--plot"]) == 2
     assert "no finished deep runs" in capsys.readouterr().err
+
+
+def test_norm_reaches_only_the_stable_schemes_runs():
+    runs = reproduce.grid("subsampling", "cpu", {}, fractions=[0.01], seeds=[0], norm="none")
+    flags = {run.flags["model"]: run.flags.get("norm") for run in runs}
+    assert flags == {"hamiltonian-74": "none", "resnet-32": None}
+    for run in runs:  # and the printed command carries it
+        assert ("--norm none" in run.command(Path("out"))) == (run.flags["model"] == "hamiltonian-74")
