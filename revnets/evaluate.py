@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint, data
+from .cli import positive_int
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -87,13 +88,6 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
-def _positive_int(text: str) -> int:
-    value = int(text) if text.isdigit() else 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
-    return value
-
-
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="test loss and accuracy of a checkpoint",
                               description="Evaluate a checkpoint (last.pt or best.pt of a run) on a dataset's "
@@ -102,6 +96,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dataset", required=True, choices=data.DATASETS)
     p.add_argument("--data-dir", default=None, help="where the dataset lives (see `revnets train --help`)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--batch-size", type=_positive_int, default=1000)
+    p.add_argument("--batch-size", type=positive_int, default=1000)
     p.add_argument("--amp", choices=list(AMP_DTYPES), default="off", help="autocast precision on the device")
     p.set_defaults(func=run)

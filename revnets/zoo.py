@@ -7,6 +7,7 @@ import argparse
 
 import torch
 
+from .cli import positive_int
 from .networks import MODELS, PAPER_PARAMS, build_model
 
 PAPER_HEADS = (10, 100)  # Table 1 reports CIFAR-10 and CIFAR-100 counts
@@ -60,17 +61,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text) if text.lstrip("-").isdigit() else 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
-    return value
-
-
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("models", help="list the Table 1 models with parameter counts",
                               description="List the Table 1 models with our parameter counts next to the paper's "
                                           "(3 input channels; paper counts exist for 10 and 100 classes).")
-    p.add_argument("--num-classes", type=_positive_int, nargs="+", default=list(PAPER_HEADS),
+    p.add_argument("--num-classes", type=positive_int, nargs="+", default=list(PAPER_HEADS),
                    help="classifier head sizes to count (default: 10 100)")
     p.set_defaults(func=run)

@@ -1,4 +1,5 @@
 """The `revnets` command as a user's shell sees it."""
+import argparse
 import os
 import subprocess
 import sys
@@ -29,3 +30,13 @@ def test_a_usage_error_is_one_line_and_exit_code_2(argv, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert end.value.code == 2 and len(err.strip().splitlines()) == 1 and "error:" in err
+
+
+@pytest.mark.parametrize("text, ok", [("3", True), ("0", False), ("-2", False), ("x", False)])
+def test_positive_int_accepts_counts_only(text, ok):
+    from revnets.cli import positive_int
+    if ok:
+        assert positive_int(text) == int(text)
+    else:
+        with pytest.raises(argparse.ArgumentTypeError, match="positive integer"):
+            positive_int(text)
