@@ -511,7 +511,10 @@ def train(config: Config, on_epoch=None) -> dict:
     """
     owns_group = not dist.is_initialized()
     try:
-        return Run(config, on_epoch).fit()
+        summary = Run(config, on_epoch).fit()
+        if dist.is_initialized():
+            dist.barrier()  # all ranks done before any tears the group down (gloo aborts otherwise)
+        return summary
     finally:
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()

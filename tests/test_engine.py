@@ -148,6 +148,7 @@ def _ddp_worker(rank, world, store, state, x, y, out_file):
     nn.functional.cross_entropy(ddp(x[shard]), y[shard]).backward()
     if rank == 0:
         torch.save([p.grad for p in model.parameters()], out_file)
+    dist.barrier()  # both ranks done before either tears the group down (gloo aborts otherwise)
     dist.destroy_process_group()
 
 
