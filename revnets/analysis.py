@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from torch.func import jacrev, jvp
 
 from .blocks import AdditiveCoupling, HamiltonianBlock, LeapfrogBlock, MidPointBlock, ReversibleBlock
-from .drift import relative_error, reversal_error
-from .engine import _frozen_running_stats, invert, sequential
+from .drift import reversal_error
+from .engine import _frozen_running_stats, segment_error
 from .networks import Network, ReversibleUnit
 
 __all__ = ["vector_field", "jacobian", "eigenvalues", "arnoldi", "ritz_values", "spectral_estimate", "growth",
@@ -229,21 +229,12 @@ def linear_revnet(alpha: float, beta: float) -> AdditiveCoupling:
 def reversal_drift(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor, depths: Sequence[int],
                    dtype: torch.dtype = torch.float32) -> list[float]:
     """||x~ - x|| / ||x|| for each N in `depths`: x = (a, b) run through `blocks[:N]` in `dtype`, then
-    rebuilt by the blocks' exact inverses (`engine.invert`). Sorted depth order; NaN where not finite.
-
-    Cost: one forward through max(depths) blocks and one inversion per depth.
+    rebuilt by the blocks' exact inverses (`engine.segment_error` of that chain). Sorted depth order;
+    infinite where not finite.
     """
     depths = _check_depths(depths, len(blocks))
     blocks = _cast(blocks[: depths[-1]], dtype)
-    x0 = (a.to(dtype), b.to(dtype))
-    state, done, errors = x0, 0, []
-    with torch.no_grad():
-        for n in depths:
-            state = sequential(blocks[done:n], *state)
-            done = n
-            error = relative_error(invert(blocks[:n], *state), x0)
-            errors.append(error if math.isfinite(error) else math.nan)
-    return errors
+    return [segment_error(blocks[:n], a.to(dtype), b.to(dtype)) for n in depths]
 
 
 def block_inputs(model: Network, x: Tensor) -> list[tuple[ReversibleBlock, Tensor, Tensor]]:

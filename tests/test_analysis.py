@@ -124,6 +124,8 @@ def test_reversal_drift_float64_below_1e10_at_1000_blocks():
     errors = analysis.reversal_drift([block] * 1000, a, b, [10, 1000], torch.float64)
     assert errors[1] < 1e-10
     assert analysis.reversal_drift([block] * 10, a, b, [10], torch.float32)[0] > errors[0]
+    unstable = [analysis.linear_revnet(1.0, 1.0)] * 40  # |xi| = 2.6: rounding is amplified 2.6^40 on the way back
+    assert analysis.reversal_drift(unstable, a[:, :2], b[:, :2], [40], torch.float64)[0] > 1.0
 
 
 def test_reversal_error_per_unit_is_reexported():
