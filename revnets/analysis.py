@@ -77,6 +77,11 @@ def vector_field(block: ReversibleBlock, a: Tensor, b: Tensor) -> tuple[Field, T
                      f"got {type(block).__name__}")
 
 
+def _float64_field(block: ReversibleBlock, a: Tensor, b: Tensor) -> tuple[Field, Tensor]:
+    """`vector_field` of a float64 copy of the block in evaluation mode, at (a, b) in float64."""
+    return vector_field(_cast([block], torch.float64)[0], a.double(), b.double())
+
+
 def jacobian(field: Field, x: Tensor) -> Tensor:
     """Dense Jacobian dF/dx at x, (n, n) with n = x.numel() (the batch's samples form diagonal blocks)."""
     return jacrev(lambda v: field(v.view_as(x)).flatten())(x.flatten())
@@ -89,8 +94,7 @@ def eigenvalues(block: ReversibleBlock, a: Tensor, b: Tensor) -> Tensor:
     thousand (a batch of one image). With ReLU, J has Jordan blocks at 0, so rounding can move the
     zero eigenvalues off the axis by ~1e-8; smooth activations give ~1e-15.
     """
-    block = copy.deepcopy(block).double().eval()
-    field, x = vector_field(block, a.double(), b.double())
+    field, x = _float64_field(block, a, b)
     with torch.no_grad():
         return torch.linalg.eigvals(jacobian(field, x))
 
@@ -130,8 +134,7 @@ def ritz_values(block: ReversibleBlock, a: Tensor, b: Tensor, steps: int = 60,
     Returns (values, residuals) as `arnoldi`. The extreme eigenvalues (largest |lambda|) converge
     first; a Ritz value is trustworthy when its residual is small against |lambda|.
     """
-    block = copy.deepcopy(block).double().eval()
-    field, x = vector_field(block, a.double(), b.double())
+    field, x = _float64_field(block, a, b)
     v0 = torch.randn(x.numel(), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
     def matvec(v: Tensor) -> Tensor:
