@@ -131,7 +131,7 @@ def test_segment_memory_grows_as_n_over_k():
     for k in (None, 32, 8, 2, 1):
         stored = _stored_bytes(blocks, a.clone(), b.clone(), k)
         assert stored == (64 // (k or 64) + 1) * state, k
-        assert engine.choose_segment(blocks, a, b, tol=float("inf")).stored_bytes == 2 * state
+    assert engine.choose_segment(blocks, a, b, tol=float("inf")).stored_bytes == 2 * state
 
 
 def test_segments_bound_the_drift_of_an_unstable_unit():
