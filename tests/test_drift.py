@@ -70,6 +70,15 @@ def test_monitor_measures_every_k_steps_and_warns_above_threshold():
         assert DriftMonitor(every=3, threshold=1.0).step(model, x, step=6) is not None
 
 
+def test_monitor_counts_a_nan_error_as_above_threshold():
+    torch.manual_seed(0)
+    model = build_model("hamiltonian-74", **SMALL)
+    with torch.no_grad():
+        next(model.units[0].blocks[0].parameters()).fill_(float("nan"))
+    with pytest.warns(RuntimeWarning, match="unit0=nan"):
+        DriftMonitor(every=1, threshold=1.0).step(model, torch.randn(2, 3, 8, 8), step=0)
+
+
 @pytest.mark.parametrize("every, threshold", [(0, 1.0), (1.5, 1.0), (1, 0.0)])
 def test_monitor_rejects_bad_settings(every, threshold):
     with pytest.raises(ValueError, match="DriftMonitor"):
