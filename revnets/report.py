@@ -47,7 +47,7 @@ def first_block(model: Network, x: torch.Tensor) -> tuple[ReversibleBlock, torch
 
 def spectrum(block: ReversibleBlock, a: torch.Tensor, b: torch.Tensor) -> tuple[dict, torch.Tensor]:
     """Summary (radius, max Re, method) and the eigenvalues: exact if small, else converged Ritz values."""
-    field, x = analysis.vector_field(block, a, b)
+    x = analysis.vector_field(block, a, b)[1]
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         return {"method": None, "radius": math.nan, "max_real": math.nan, "max_abs_real": math.nan}, x.new_zeros(0)
     if x.numel() <= DENSE_MAX:
