@@ -18,31 +18,41 @@ AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @torch.no_grad()
+def totals(model: nn.Module, batches, amp: str = "off") -> torch.Tensor:
+    """(loss sum, correct, images), float64 (3,) on the batches' device, of `model` (put in eval mode).
+
+    `batches` yields (x (b, C, H, W) float32, y (b,) int64) on the model's device. The sums stay on
+    the device (one host sync, by the caller), so that `revnets train` can add them over processes.
+    """
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"unknown amp mode {amp!r}; expected one of {', '.join(AMP_DTYPES)}")
+    model.eval()
+    loss_sum, correct, images = 0, 0, 0
+    for x, y in batches:
+        with autocast(x.device, amp):
+            logits = model(x)
+        loss_sum = loss_sum + F.cross_entropy(logits.float(), y, reduction="sum").double()
+        correct = correct + (logits.argmax(dim=1) == y).sum()
+        images += len(y)
+    if images == 0:
+        raise ValueError("the loader yielded no images to evaluate")
+    return torch.stack([loss_sum, correct.double(), loss_sum.new_tensor(images)])
+
+
 def evaluate(model: nn.Module, loader, amp: str = "off") -> dict:
     """Mean cross-entropy and accuracy of `model` (put in eval mode) over every batch of `loader`.
 
     `loader` yields (x (b, C, H, W) float32, y (b,) int64) on the model's device.
     Returns {"loss": float, "acc": float in [0, 1], "images": int}.
     """
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"unknown amp mode {amp!r}; expected one of {', '.join(AMP_DTYPES)}")
-    model.eval()
-    loss_sum, correct, images = 0.0, 0, 0
-    for x, y in loader:
-        with _autocast(x.device, AMP_DTYPES[amp]):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += (logits.argmax(dim=1) == y).sum().item()
-        images += len(y)
-    if images == 0:
-        raise ValueError("the loader yielded no images to evaluate")
-    return {"loss": loss_sum / images, "acc": correct / images, "images": images}
+    loss_sum, correct, images = totals(model, loader, amp).tolist()
+    return {"loss": loss_sum / images, "acc": correct / images, "images": int(images)}
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+def autocast(device: torch.device, amp: str):
+    """Autocast to `amp`'s dtype (AMP_DTYPES) on `device`; no autocast for "off"."""
+    dtype = AMP_DTYPES[amp]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def check_compatible(model: nn.Module, ds: data.Dataset, checkpoint_path: str) -> None:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__, checkpoint, data
+from .evaluate import AMP_DTYPES, autocast, totals
 from .networks import MODELS, NORMS, SCHEME_DEFAULTS
 from .progress import FIELDS, EpochBar, MetricsCSV, epoch_line, tensorboard_writer
 from .regularization import smoothness_penalty
@@ -42,7 +43,6 @@ from .regularization import smoothness_penalty
 RECIPE = dict(epochs=160, batch_size=100, milestones=(80, 120, 160), weight_decay=2e-4, smoothness=2e-4)
 RECIPES = {"stl10": dict(epochs=500, batch_size=128, milestones=(60, 80, 100), weight_decay=5e-4, smoothness=3e-4)}
 SCHEDULES = ("step", "cosine", "onecycle")
-AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 RUN_FILES = ("config.json", "metrics.csv", "last.pt", "best.pt", "summary.json")
 
 
@@ -105,8 +105,8 @@ class Config:
             raise FileNotFoundError(f"--data-dir {self.data_dir} does not exist")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
-        if self.amp not in AMP:
-            raise ValueError(f"unknown --amp {self.amp!r}; expected one of {', '.join(AMP)}")
+        if self.amp not in AMP_DTYPES:
+            raise ValueError(f"unknown --amp {self.amp!r}; expected one of {', '.join(AMP_DTYPES)}")
         for key in ("epochs", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key.replace('_', '-')} must be at least 1; got {getattr(self, key)}")
@@ -158,7 +158,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--schedule", choices=SCHEDULES, help="learning-rate schedule (default: step)")
     a("--milestones", type=int, nargs="+", metavar="E",
       help="epochs where step divides the lr by 10 (default: 80 120 160; 60 80 100 for stl10)")
-    a("--amp", choices=tuple(AMP), help="autocast precision (default: off)")
+    a("--amp", choices=tuple(AMP_DTYPES), help="autocast precision (default: off)")
     a("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--seed", type=int, help="seed of initialisation, subset and batches (default: 0)")
@@ -276,9 +276,8 @@ def wrap(model: nn.Module, config: Config, device: torch.device, world: int) -> 
     return torch.compile(model) if config.compile else model
 
 
-def all_reduce(values: list[float], device: torch.device, world: int) -> list[float]:
-    """Sum over processes (identity when not distributed)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce(t: torch.Tensor, world: int) -> list[float]:
+    """The (n,) tensor `t` summed over processes (itself when not distributed), as floats: one host sync."""
     if world > 1:
         dist.all_reduce(t)
     return t.tolist()
@@ -373,10 +372,6 @@ class Run:
             state["scaler"] = self.scaler.state_dict()
         return state
 
-    def autocast(self):
-        dtype = AMP[self.config.amp]
-        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
     def batch(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
 
@@ -390,7 +385,7 @@ class Run:
         lr = self.opt.param_groups[0]["lr"]
         for i, (x, y) in enumerate(self.train_loader):
             x = self.batch(x)
-            with self.autocast():
+            with autocast(self.device, self.config.amp):
                 out = self.model(x)
                 loss = F.cross_entropy(out, y)
             total = loss + self.config.smoothness * smoothness_penalty(self.net) if self.config.smoothness else loss
@@ -408,22 +403,14 @@ class Run:
                     drift = max(drift or 0.0, max(errors.values()))
             bar.step(lambda: (loss_sum.item() / count, correct.item() / count, count / (time.perf_counter() - t0)))
         bar.close()
-        loss_sum, correct, count = all_reduce([loss_sum.item(), correct.item(), count], self.device, self.world)
+        loss_sum, correct, count = all_reduce(torch.stack([loss_sum, correct, loss_sum.new_tensor(count)]), self.world)
         return dict(train_loss=loss_sum / count, train_acc=correct / count, lr=lr,
                     images_per_s=count / (time.perf_counter() - t0), drift_max=drift)
 
-    @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
         """(test loss, test accuracy) over the whole test split and all processes."""
-        self.net.eval()
-        loss_sum, correct, count = 0.0, 0.0, 0
-        for x, y in self.test_loader:
-            with self.autocast():
-                out = self.net(self.batch(x))
-            loss_sum += F.cross_entropy(out.float(), y, reduction="sum").item()
-            correct += (out.argmax(1) == y).sum().item()
-            count += len(y)
-        loss_sum, correct, count = all_reduce([loss_sum, correct, count], self.device, self.world)
+        batches = ((self.batch(x), y) for x, y in self.test_loader)
+        loss_sum, correct, count = all_reduce(totals(self.net, batches, self.config.amp), self.world)
         return loss_sum / count, correct / count
 
     def fit(self) -> dict:
