@@ -12,6 +12,7 @@ checkpoint from elsewhere cannot execute code.
 """
 import os
 import pickle
+import tempfile
 from pathlib import Path
 
 import torch
@@ -22,19 +23,27 @@ from .networks import NORMS, build_model
 KEYS = ("model", "config", "epoch")
 
 
-def save(path: str | os.PathLike, obj: dict) -> None:
-    """Write `obj` to `path` atomically: temporary file in the same directory, flush, fsync, rename."""
+def atomic_write(path: str | os.PathLike, write, text: bool = False) -> None:
+    """Call write(file) on a temporary file next to `path` (binary, or text with `text`), flush,
+    fsync, rename it over `path`: a kill leaves the old file or the new one, and a failure nothing."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        os.fchmod(fd, 0o644)  # readable like any data file (mkstemp makes it private)
+        with (os.fdopen(fd, "w", newline="") if text else os.fdopen(fd, "wb")) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        os.unlink(tmp)
         raise
+
+
+def save(path: str | os.PathLike, obj: dict) -> None:
+    """Write `obj` to `path` atomically (`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -9,7 +9,6 @@ import io
 import os
 import pickle
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .checkpoint import atomic_write
 
 DATASETS = ("cifar10", "cifar100", "stl10", "folder", "digits")
 CIFAR = {  # name: (archive, extracted dir, train members, test member, meta member, label key, names key, MD5)
@@ -127,25 +128,9 @@ def _download(url: str, path: Path, md5: str) -> None:
         if digest.hexdigest() != md5:
             raise ValueError(f"download of {url} is corrupt: MD5 {digest.hexdigest()}, expected {md5}; try again")
     try:
-        _atomic_write(path, fetch)
+        atomic_write(path, fetch)
     except urllib.error.URLError as e:
         raise FileNotFoundError(f"cannot download {url} ({e.reason}); put {path.name} in {path.parent} by hand") from e
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call write(file) on a temporary file next to `path`, fsync, rename; nothing is left on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # readable like any data file (mkstemp makes it private)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # ---- STL-10: stl10_binary ----
@@ -180,7 +165,7 @@ def _folder(root: Path) -> Dataset:
         arrays = _decode(root, files)
         for cache in caches:
             try:
-                _atomic_write(cache, lambda f: np.savez(f, key=np.array(key), **arrays))
+                atomic_write(cache, lambda f: np.savez(f, key=np.array(key), **arrays))
                 break
             except OSError:  # a read-only root: use the user's cache directory
                 continue

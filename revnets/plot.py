@@ -6,8 +6,9 @@ matplotlib (the `train` extra) is imported only here, with the non-interactive A
 import argparse
 import csv
 import math
-import os
 from pathlib import Path
+
+from .checkpoint import atomic_write
 
 CURVES = {"loss": ("train_loss", "test_loss"), "accuracy": ("train_acc", "test_acc")}
 
@@ -50,20 +51,11 @@ def plot_runs(run_dirs: list[str | Path], prefix: str | Path) -> list[Path]:
         ax.set(xlabel="epoch", ylabel=quantity, title=f"{quantity} per epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-        paths.append(_save(fig, Path(f"{prefix}_{quantity}.png")))
+        path = Path(f"{prefix}_{quantity}.png")
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+        paths.append(path)
         plt.close(fig)
     return paths
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 def run(args: argparse.Namespace) -> int:

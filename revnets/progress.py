@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from .checkpoint import atomic_write
+
 FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "images_per_s", "peak_mb")
 
 
@@ -58,16 +60,13 @@ class MetricsCSV:
         self.path, self.fields = Path(path), tuple(fields)
 
     def keep_until(self, epoch: int) -> None:
-        rows = self.read()
-        kept = [r for r in rows if int(r["epoch"]) <= epoch]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
+        kept = [r for r in self.read() if int(r["epoch"]) <= epoch]
+
+        def write(f):
             writer = csv.DictWriter(f, self.fields)
             writer.writeheader()
             writer.writerows(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, write, text=True)
 
     def append(self, row: dict) -> None:
         new = not self.path.exists()

@@ -21,12 +21,11 @@ Budgets (--budget) are the recipes:
 import argparse
 import csv
 import json
-import os
 import shlex
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .checkpoint import atomic_write
 from .networks import MODELS
 
 EXPERIMENTS = ("table1", "subsampling", "deep")
@@ -215,12 +214,12 @@ def write_summary_csv(out: Path, rows: list[dict]) -> Path:
     path = out / "summary.csv"
     merged = {(r["experiment"], r["run"]): r for r in read_summary_csv(path)}
     merged.update({(r["experiment"], r["run"]): r for r in rows})
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", newline="", dir=out, prefix=".summary.", delete=False) as f:
+
+    def write(f):
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(merged[k] for k in sorted(merged))
-    os.replace(f.name, path)
+    atomic_write(path, write, text=True)
     return path
 
 
@@ -252,10 +251,8 @@ def plot(experiment: str, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     {"table1": _plot_curves, "subsampling": _plot_fractions, "deep": _plot_memory}[experiment](ax, rows, out)
     path = out / f"{experiment}.png"
-    tmp = path.with_suffix(".png.tmp")
-    fig.savefig(tmp, format="png", dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

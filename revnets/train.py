@@ -481,13 +481,7 @@ class Run:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    checkpoint.atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), text=True)
 
 
 def train(config: Config, on_epoch=None) -> dict:

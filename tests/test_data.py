@@ -227,13 +227,13 @@ def test_folder_cache_falls_back_to_user_cache_when_root_is_read_only(tmp_path, 
     root = tmp_path / "data"
     _image(root, "train/a/0.png", np.zeros((4, 4), np.uint8))
     _image(root, "test/a/0.png", np.zeros((4, 4), np.uint8))
-    write = data._atomic_write
+    write = data.atomic_write
 
     def read_only_root(path, fn):
         if path.parent == root:
             raise PermissionError(f"read-only: {path}")
         write(path, fn)
-    monkeypatch.setattr(data, "_atomic_write", read_only_root)
+    monkeypatch.setattr(data, "atomic_write", read_only_root)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     data.load_dataset("folder", root)
     assert not (root / ".revnets-cache.npz").exists() and len(list((tmp_path / "cache/revnets").iterdir())) == 1
