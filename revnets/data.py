@@ -309,7 +309,7 @@ class Loader:
 
     def __iter__(self):
         n, device = len(self.x), self.x.device
-        order = torch.arange(n, device=device)
+        order = None  # the split in order: batches are slices, not gathers
         if self.train:
             state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0]
             g = torch.Generator().manual_seed(int(state))
@@ -319,10 +319,11 @@ class Loader:
         for i in range(len(self)):
             start, size = i * self.batch_size, min(self.batch_size, n - i * self.batch_size)
             lo, hi = start + size * self.rank // self.world_size, start + size * (self.rank + 1) // self.world_size
-            x = self.x[order[lo:hi]]
+            index = slice(lo, hi) if order is None else order[lo:hi]
+            x = self.x[index]
             if self.train:
                 x = crop_flip(x, offsets[:, lo:hi], flips[lo:hi], self.padding)
-            yield x.float() * self.scale + self.shift, self.y[order[lo:hi]]
+            yield x.float() * self.scale + self.shift, self.y[index]
 
 
 def crop_flip(x: Tensor, offsets: Tensor, flips: Tensor, padding: int) -> Tensor:
