@@ -184,7 +184,7 @@ def execute(run: Run, out: Path) -> dict:
     from . import train
     run_dir, argv = out / run.name, run.argv(out)
     if (run_dir / "summary.json").exists():
-        _check_settings(run_dir, train.parse_config(argv), train.Config)
+        _check_settings(run_dir, train.parse_config(argv))
         print(f"  finished before: {run_dir / 'summary.json'}", flush=True)
         return json.loads((run_dir / "summary.json").read_text())
     if (run_dir / "last.pt").exists():
@@ -193,14 +193,14 @@ def execute(run: Run, out: Path) -> dict:
     return train.train(train.parse_config(argv))
 
 
-def _check_settings(run_dir: Path, wanted, config_cls) -> None:
-    """ValueError unless the finished run in run_dir was trained with the settings `wanted`."""
-    saved = config_cls.from_dict(json.loads((run_dir / "config.json").read_text()))
-    differ = [f"{k}={getattr(saved, k)!r} (grid: {v!r})" for k, v in vars(wanted).items()
-              if k not in ("out", "resume", "device") and getattr(saved, k) != v]
+def _check_settings(run_dir: Path, wanted) -> None:
+    """ValueError unless the finished run in run_dir was trained with the settings `wanted` (a train.Config)."""
+    from .train import changed_settings
+    differ = changed_settings(json.loads((run_dir / "config.json").read_text()), wanted)
     if differ:
-        raise ValueError(f"{run_dir} holds a run with other settings: {', '.join(differ)}; "
-                         "use another --out for another budget or learning rate")
+        raise ValueError(f"{run_dir} holds a run with other settings: "
+                         + ", ".join(f"{k}={a!r} (grid: {b!r})" for k, (a, b) in differ.items())
+                         + "; use another --out for another budget or learning rate")
 
 
 def summary_row(run: Run, summary: dict) -> dict:

@@ -44,6 +44,7 @@ RECIPE = dict(epochs=160, batch_size=100, milestones=(80, 120, 160), weight_deca
 RECIPES = {"stl10": dict(epochs=500, batch_size=128, milestones=(60, 80, 100), weight_decay=5e-4, smoothness=3e-4)}
 SCHEDULES = ("step", "cosine", "onecycle")
 RUN_FILES = ("config.json", "metrics.csv", "last.pt", "best.pt", "summary.json")
+PLACE = ("resume", "device", "out")  # where a run goes on, not what it computes: free to change on resume
 
 
 @dataclass
@@ -127,6 +128,13 @@ class Config:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
+def changed_settings(saved: dict, config: Config) -> dict[str, tuple]:
+    """{name: (saved value, config's value)} of each setting, PLACE aside, in which `config` differs
+    from `saved`, a run's settings as config.json or a checkpoint hold them (tuples as lists)."""
+    saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()}
+    return {k: (saved.get(k), v) for k, v in asdict(config).items() if k not in PLACE and saved.get(k) != v}
+
+
 def config_dict(config: Config) -> dict:
     """config.json's content: every setting and the versions that ran it."""
     return {**asdict(config), "versions": {"revnets": __version__, "torch": torch.__version__,
@@ -190,7 +198,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                                 "or killed before its first epoch)")
     saved = Config.from_dict(json.loads((run / "config.json").read_text()))
     given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items()}
-    differ = [k for k, v in given.items() if k not in ("resume", "device", "out") and getattr(saved, k) != v]
+    differ = [k for k, v in given.items() if k not in PLACE and getattr(saved, k) != v]
     if "out" in given and Path(given["out"]).resolve() != run.resolve():
         differ.append("out")
     if differ:
@@ -328,13 +336,10 @@ class Run:
         ckpt = checkpoint.load(path, map_location=self.device)
         if not isinstance(ckpt["config"], dict):
             raise ValueError(f"{path} has no settings (its config is a {type(ckpt['config']).__name__})")
-        ignore = ("resume", "device", "out")
-        saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in ckpt["config"].items() if k not in ignore}
-        mine = {k: v for k, v in asdict(self.config).items() if k not in ignore}
-        differ = [k for k in mine if saved.get(k) != mine[k]]
+        differ = changed_settings(ckpt["config"], self.config)
         if differ:
             raise ValueError(f"{path} was saved by a run with other settings: "
-                             + ", ".join(f"{k}={saved.get(k)!r} (now {mine[k]!r})" for k in differ))
+                             + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in differ.items()))
         return ckpt
 
     def _restore(self, ckpt: dict) -> None:
