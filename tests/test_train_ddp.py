@@ -6,7 +6,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from revnets import checkpoint, train
+from revnets import checkpoint, evaluate, train
 
 ARGV = ["--model", "hamiltonian-74", "--units", "2", "2", "2", "--channels", "8", "16", "32", "--epochs", "1",
         "--train-fraction", "0.1", "--batch-size", "200", "--lr", "1", "--weight-decay", "0", "--smoothness", "0"]
@@ -33,7 +33,7 @@ def test_ddp_step_equals_the_average_of_the_shards_gradients(tmp_path):
     ds = train.load_data(config)
     model = train.make_model(config, ds, torch.device("cpu"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    grads, losses = [], []
+    grads, losses, buffers = [], [], []
     for rank in range(2):
         loader = train.loaders(config, ds, torch.device("cpu"), rank, 2)[0]
         assert len(loader) == 1
@@ -44,9 +44,20 @@ def test_ddp_step_equals_the_average_of_the_shards_gradients(tmp_path):
         loss.backward()
         grads.append({k: p.grad.double() for k, p in model.named_parameters()})
         losses.append(loss.item() * len(y) / 144)
+        buffers.append({k: b.clone() for k, b in model.named_buffers()})  # BatchNorm statistics of this shard
     for name, _ in model.named_parameters():
         ddp_grad = (before[name].double() - after[name].double()) / config.lr  # first SGD step: p -= lr * g
         torch.testing.assert_close(ddp_grad, (grads[0][name] + grads[1][name]) / 2, rtol=0, atol=2e-6)
     with open(run_dir / "metrics.csv") as f:
         row = next(csv.DictReader(f))
     assert abs(float(row["train_loss"]) - sum(losses)) < 1e-5  # metrics are reduced over both processes
+
+    # Each process tests its share of the test split with the stepped weights and its own BatchNorm
+    # statistics; the test metrics are the sums over both shares.
+    sums = 0
+    for rank in range(2):
+        model.load_state_dict({**after, **buffers[rank]})
+        sums = sums + evaluate.totals(model, train.loaders(config, ds, torch.device("cpu"), rank, 2)[1])
+    loss_sum, correct, images = sums.tolist()
+    assert images == len(ds.test_y)
+    assert abs(float(row["test_loss"]) - loss_sum / images) < 1e-5 and float(row["test_acc"]) == correct / images
