@@ -12,7 +12,7 @@ import tarfile
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -262,6 +262,14 @@ def stratified_subset(labels: Tensor, fraction: float, seed: int) -> Tensor:
     picks = [(labels == c).nonzero().squeeze(1)[torch.randperm(int(n), generator=g)[:k]]
              for c, n, k in zip(classes, counts, take)]
     return torch.cat(picks).sort().values
+
+
+def subsample(ds: Dataset, fraction: float, seed: int) -> Dataset:
+    """`ds` with its training split reduced to `stratified_subset(ds.train_y, fraction, seed)` (`ds` at 1)."""
+    if fraction == 1:
+        return ds
+    idx = stratified_subset(ds.train_y, fraction, seed)
+    return replace(ds, train_x=ds.train_x[idx], train_y=ds.train_y[idx])
 
 
 def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -68,10 +68,9 @@ def check_compatible(model: nn.Module, ds: data.Dataset, checkpoint_path: str) -
 def training_stats(ds: data.Dataset, config: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std), each (C,), of the training images a run with `config` standardised with: the whole
     training split, or its seeded stratified subset when evaluating on the run's own dataset."""
-    train_x, fraction = ds.train_x, config.get("train_fraction", 1.0)
-    if ds.name == config.get("dataset") and fraction < 1:
-        train_x = train_x[data.stratified_subset(ds.train_y, fraction, config.get("seed", 0))]
-    return data.channel_stats(train_x)
+    if ds.name == config.get("dataset"):
+        ds = data.subsample(ds, config.get("train_fraction", 1.0), config.get("seed", 0))
+    return data.channel_stats(ds.train_x)
 
 
 def run(args: argparse.Namespace) -> int:

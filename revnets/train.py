@@ -236,11 +236,8 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
 
 def load_data(config: Config) -> data.Dataset:
     """The dataset, its training split reduced to the seeded stratified subset when --train-fraction < 1."""
-    ds = data.load_dataset(config.dataset, config.data_dir, config.download)
-    if config.train_fraction < 1:
-        idx = data.stratified_subset(ds.train_y, config.train_fraction, config.seed)
-        ds = replace(ds, train_x=ds.train_x[idx], train_y=ds.train_y[idx])
-    return ds
+    return data.subsample(data.load_dataset(config.dataset, config.data_dir, config.download),
+                          config.train_fraction, config.seed)
 
 
 def loaders(config: Config, ds: data.Dataset, device: torch.device, rank: int = 0, world: int = 1):

@@ -305,6 +305,14 @@ def test_stratified_subset():
             data.stratified_subset(labels, fraction, seed=0)
 
 
+def test_subsample_keeps_the_stratified_subset_of_the_training_split_only():
+    ds = data.load_dataset("digits")
+    sub = data.subsample(ds, 0.1, seed=2)
+    idx = data.stratified_subset(ds.train_y, 0.1, seed=2)
+    assert torch.equal(sub.train_x, ds.train_x[idx]) and torch.equal(sub.train_y, ds.train_y[idx])
+    assert sub.test_x is ds.test_x and sub.classes == ds.classes and data.subsample(ds, 1.0, seed=2) is ds
+
+
 def test_channel_stats():
     x = torch.randint(0, 256, (7, 3, 5, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     mean, std = data.channel_stats(x)
