@@ -67,6 +67,11 @@ def test_killed_run_resumes_to_the_uninterrupted_result_bitwise(tmp_path, schedu
     with pytest.raises(Killed):
         _run(tmp_path / "killed", *flags, on_epoch=_kill_after(1))
     assert len(_metrics(tmp_path / "killed")) == 1 and not (tmp_path / "killed" / "summary.json").exists()
+    restored = train.Run(train.parse_config(["--resume", str(tmp_path / "killed")]))
+    first = _metrics(tmp_path / "killed")[0]
+    assert (restored.start, restored.best_acc, restored.best_epoch) == (1, float(first["test_acc"]), 1)
+    with open(tmp_path / "killed" / "metrics.csv", "a") as f:  # killed after epoch 2's row, before its checkpoint
+        f.write("2" + ",9" * (len(progress.FIELDS) - 1) + "\n")
     resumed = train.train(train.parse_config(["--resume", str(tmp_path / "killed")]))
     a, b = checkpoint.load(tmp_path / "whole" / "last.pt"), checkpoint.load(tmp_path / "killed" / "last.pt")
     for key in a["model"]:
