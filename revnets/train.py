@@ -411,6 +411,9 @@ class Run:
 
     def evaluate(self) -> tuple[float, float]:
         """(test loss, test accuracy) over the whole test split and all processes."""
+        if self.world > 1:  # rank 0's BatchNorm statistics, as in its checkpoint (DDP's next forward does the same)
+            for buffer in self.net.buffers():
+                dist.broadcast(buffer, 0)
         batches = ((self.batch(x), y) for x, y in self.test_loader)
         loss_sum, correct, count = all_reduce(totals(self.net, batches, self.config.amp), self.world)
         return loss_sum / count, correct / count

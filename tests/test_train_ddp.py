@@ -52,12 +52,14 @@ def test_ddp_step_equals_the_average_of_the_shards_gradients(tmp_path):
         row = next(csv.DictReader(f))
     assert abs(float(row["train_loss"]) - sum(losses)) < 1e-5  # metrics are reduced over both processes
 
-    # Each process tests its share of the test split with the stepped weights and its own BatchNorm
-    # statistics; the test metrics are the sums over both shares.
+    # Each process tests its share of the test split with the checkpoint's weights and BatchNorm
+    # statistics (rank 0's; rank 1's own differ: it normalised its own shard); the test metrics are the
+    # sums over both shares.
+    assert any(not torch.equal(after[k], b) for k, b in buffers[1].items())
+    model.load_state_dict(after)
     sums = 0
     for rank in range(2):
-        model.load_state_dict({**after, **buffers[rank]})
         sums = sums + evaluate.totals(model, train.loaders(config, ds, torch.device("cpu"), rank, 2)[1])
     loss_sum, correct, images = sums.tolist()
     assert images == len(ds.test_y)
-    assert abs(float(row["test_loss"]) - loss_sum / images) < 1e-5 and float(row["test_acc"]) == correct / images
+    assert abs(float(row["test_loss"]) - loss_sum / images) < 1e-7 and float(row["test_acc"]) == correct / images
