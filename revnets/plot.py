@@ -30,6 +30,13 @@ def read_metrics(run_dir: str | Path) -> dict[str, list[float]]:
         raise ValueError(f"{path}: a value is not a number ({e})") from None
 
 
+def save_png(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure to `path` as a PNG (120 dpi), atomically; return the path."""
+    path = Path(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    return path
+
+
 def plot_runs(run_dirs: list[str | Path], prefix: str | Path) -> list[Path]:
     """Write `<prefix>_loss.png` and `<prefix>_accuracy.png` (each written atomically); return their paths."""
     runs = {Path(d).resolve().name: read_metrics(d) for d in run_dirs}
@@ -51,9 +58,7 @@ def plot_runs(run_dirs: list[str | Path], prefix: str | Path) -> list[Path]:
         ax.set(xlabel="epoch", ylabel=quantity, title=f"{quantity} per epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-        path = Path(f"{prefix}_{quantity}.png")
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-        paths.append(path)
+        paths.append(save_png(fig, f"{prefix}_{quantity}.png"))
         plt.close(fig)
     return paths
 

@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -27,8 +26,10 @@ from torch import nn
 
 from . import analysis
 from .blocks import ReversibleBlock
+from .checkpoint import atomic_write
 from .engine import sequential
 from .networks import MODELS, Network, ReversibleUnit, build_model
+from .plot import save_png
 
 DENSE_MAX = 2048
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -132,12 +133,8 @@ def _finite(obj):
 
 
 def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(_finite(obj), f, indent=1, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """`obj` as JSON (non-finite numbers as null), written atomically."""
+    atomic_write(path, lambda f: json.dump(_finite(obj), f, indent=1, allow_nan=False), text=True)
 
 
 def plot(report: dict, spectra: dict[str, torch.Tensor], out: Path) -> list[Path]:
@@ -145,8 +142,6 @@ def plot(report: dict, spectra: dict[str, torch.Tensor], out: Path) -> list[Path
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .plot import _save
 
     archs = report["architectures"]
     fig, axes = plt.subplots(1, len(archs), figsize=(3.2 * len(archs), 3.2), layout="constrained", squeeze=False)
@@ -156,7 +151,7 @@ def plot(report: dict, spectra: dict[str, torch.Tensor], out: Path) -> list[Path
         title = label.replace(" (", "\n(")  # a checkpoint's path on its own line
         ax.set_title(f"{title}\nmax Re = {archs[label]['spectrum']['max_real']:.2g}", fontsize="small")
         ax.set(xlabel="Re", ylabel="Im")
-    paths = [_save(fig, out / "stability-eigenvalues.png")]
+    paths = [save_png(fig, out / "stability-eigenvalues.png")]
     plt.close(fig)
     curves = {"growth": ("growth", ("time-invariant", "random"), "||dx_N|| / ||dx_0|| (Eq. 4)"),
               "reversal": ("reversal_error", tuple(DTYPES), "relative reversal error")}
@@ -170,7 +165,7 @@ def plot(report: dict, spectra: dict[str, torch.Tensor], out: Path) -> list[Path
         ax.set(xscale="log", yscale="log", xlabel="depth N (blocks)", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1))
-        paths.append(_save(fig, out / f"stability-{name}.png"))
+        paths.append(save_png(fig, out / f"stability-{name}.png"))
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     for i, (label, entry) in enumerate(archs.items()):
@@ -180,7 +175,7 @@ def plot(report: dict, spectra: dict[str, torch.Tensor], out: Path) -> list[Path
     ax.set(xscale="log", yscale="log", xlabel="step size h", ylabel="growth ||dx_N|| / ||dx_0||")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="x-small")
-    paths.append(_save(fig, out / "stability-growth-vs-h.png"))
+    paths.append(save_png(fig, out / "stability-growth-vs-h.png"))
     plt.close(fig)
     return paths
 

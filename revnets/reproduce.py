@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .checkpoint import atomic_write
 from .networks import MODELS
+from .plot import save_png
 
 EXPERIMENTS = ("table1", "subsampling", "deep")
 BUDGETS = ("tiny", "cpu", "small", "paper")
@@ -250,8 +251,7 @@ def plot(experiment: str, out: Path) -> Path:
         raise FileNotFoundError(f"no finished {experiment} runs in {out / 'summary.csv'}; run the experiment first")
     fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     {"table1": _plot_curves, "subsampling": _plot_fractions, "deep": _plot_memory}[experiment](ax, rows, out)
-    path = out / f"{experiment}.png"
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    path = save_png(fig, out / f"{experiment}.png")
     plt.close(fig)
     return path
 

@@ -12,7 +12,7 @@ from revnets.cli import main
 from revnets.evaluate import evaluate, training_stats
 from revnets.train import Config, train
 from revnets.networks import MODELS, PAPER_PARAMS
-from revnets.plot import plot_runs, read_metrics
+from revnets.plot import plot_runs, read_metrics, save_png
 from revnets.zoo import model_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -79,6 +79,27 @@ def test_plot_writes_pngs_for_several_runs(tmp_path, capsys):
         data = open(path, "rb").read()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000  # a drawn figure, not an empty canvas
     assert not list((tmp_path / "figs").glob(".*.tmp"))
+
+
+def test_save_png_is_atomic(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = save_png(fig, tmp_path / "figs" / "a.png")
+    first = path.read_bytes()
+    assert path == tmp_path / "figs" / "a.png" and first.startswith(PNG_MAGIC)
+
+    def fail(f, **kwargs):
+        f.write(b"half a figure")
+        raise RuntimeError("disk full")
+    fig.savefig = fail
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_png(fig, path)
+    plt.close(fig)
+    assert path.read_bytes() == first  # the old figure survives a failed write
+    assert not list(path.parent.glob(".*.tmp"))
 
 
 def test_read_metrics_reads_columns(tmp_path):
