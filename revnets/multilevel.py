@@ -25,10 +25,9 @@ from torch import Tensor, nn
 
 from .blocks import LeapfrogBlock, MidPointBlock
 from .engine import AutoSegment
-from .networks import Network
+from .networks import STABLE_SCHEMES, Network
 
 _TWO_STEP = (MidPointBlock, LeapfrogBlock)
-_STEPPED = ("hamiltonian", "midpoint", "leapfrog")
 
 
 class Respaced(nn.Module):
@@ -57,8 +56,8 @@ def grow(model: Network) -> Network:
     untouched. To reload a grown network's state_dict, rebuild the original and grow it as often.
     """
     scheme = getattr(model, "scheme", type(model).__name__)
-    if scheme not in _STEPPED:
-        raise ValueError(f"grow needs a network whose blocks have a step size h ({', '.join(_STEPPED)}); "
+    if scheme not in STABLE_SCHEMES:
+        raise ValueError(f"grow needs a network whose blocks have a step size h ({', '.join(STABLE_SCHEMES)}); "
                          f"got {scheme!r}")
     model = copy.deepcopy(model)
     for unit in model.units:

@@ -158,6 +158,9 @@ PAPER_PARAMS: dict[str, tuple[float, float | None]] = {
 # Normalisations inside the residual functions, by the name `revnets train --norm` takes.
 NORMS: dict[str, type[nn.Module] | None] = {"batch": nn.BatchNorm2d, "none": None}
 
+# The paper's three stable schemes (Eq. 10, 15, 17): the ones whose blocks have a step size h.
+STABLE_SCHEMES = ("hamiltonian", "midpoint", "leapfrog")
+
 # Per-scheme defaults of the residual functions. BatchNorm inside K^T s(N(K y + b)) and h = 0.1
 # trained best of {no norm, BatchNorm} x {0.1, 1.0} in benchmarks/defaults.py (README, "Defaults").
 SCHEME_DEFAULTS: dict[str, dict] = {

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .checkpoint import atomic_write
-from .networks import MODELS
+from .networks import MODELS, STABLE_SCHEMES
 from .plot import save_png
 
 EXPERIMENTS = ("table1", "subsampling", "deep")
@@ -38,7 +38,6 @@ FIGURE3_FRACTIONS = (0.2, 0.1, 0.05, 0.04, 0.03, 0.02, 0.01, 0.005, 0.002, 0.001
 
 TABLE1_ROW1 = ("resnet-32", "revnet-38", "hamiltonian-74", "midpoint-26", "leapfrog-26")
 TABLE1_ROW2 = ("resnet-110", "revnet-110", "hamiltonian-218", "midpoint-62", "leapfrog-62")
-STABLE_SCHEMES = ("hamiltonian", "midpoint", "leapfrog")
 FIGURE3_MODELS = {"hamiltonian-4x4": "hamiltonian-74", "resnet-4x4": "resnet-32"}
 DEEP_MODELS = {"hamiltonian-1202": "hamiltonian-1202", "resnet-1202": "resnet-1202"}
 FIGURE3_NET = dict(units=(4, 4, 4, 4), channels=(16, 64, 128, 256))

@@ -36,7 +36,7 @@ from torch import nn
 
 from . import __version__, checkpoint, data
 from .evaluate import AMP_DTYPES, autocast, totals
-from .networks import MODELS, NORMS, SCHEME_DEFAULTS
+from .networks import MODELS, NORMS, STABLE_SCHEMES
 from .progress import FIELDS, EpochBar, MetricsCSV, epoch_line, tensorboard_writer
 from .regularization import smoothness_penalty
 
@@ -117,7 +117,7 @@ class Config:
             raise ValueError(f"--segment must be 'auto' or a positive number of blocks; got {self.segment!r}")
         if self.drift_every < 0:
             raise ValueError(f"--drift-every must be >= 0 (0: off); got {self.drift_every}")
-        if self.grow_at and "h" not in SCHEME_DEFAULTS[MODELS[self.model]["scheme"]]:
+        if self.grow_at and MODELS[self.model]["scheme"] not in STABLE_SCHEMES:
             raise ValueError(f"--grow-at halves the step size h, which {self.model} does not have")
         if any(not 1 <= g < self.epochs for g in self.grow_at):
             raise ValueError(f"--grow-at epochs must lie in [1, {self.epochs}); got {self.grow_at}")

@@ -4,7 +4,7 @@ from torch import nn
 
 import revnets
 from revnets import build_model, invert, list_models, sequential, smoothness_penalty
-from revnets.networks import PAPER_PARAMS
+from revnets.networks import PAPER_PARAMS, SCHEME_DEFAULTS, STABLE_SCHEMES
 
 SMALL = dict(units=(2, 2, 2), channels=(8, 16, 32))
 
@@ -80,6 +80,14 @@ def test_hamiltonian_units_rebuild_their_inputs_in_float32_at_100_blocks():
 def test_bad_input_shape_names_the_expected_shape(shape, match):
     with pytest.raises(ValueError, match=match):
         build_model("hamiltonian-74", **SMALL)(torch.randn(*shape))
+
+
+def test_stable_schemes_are_the_ones_with_a_step_size():
+    assert {s for s, d in SCHEME_DEFAULTS.items() if "h" in d} == set(STABLE_SCHEMES)
+    for name in ("hamiltonian-74", "midpoint-26", "leapfrog-26"):
+        build_model(name, units=(1, 1, 1), channels=(4, 4, 4), h=0.05)
+    with pytest.raises(ValueError, match="no setting h"):
+        build_model("revnet-38", h=0.05)
 
 
 def test_unknown_model_and_setting_list_the_valid_ones():
