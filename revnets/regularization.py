@@ -1,5 +1,4 @@
 """Weight smoothness in depth, Eq. (22)."""
-import torch
 from torch import Tensor, nn
 
 

@@ -5,7 +5,6 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import revnets
-import revnets.engine as engine
 from revnets import AdditiveCoupling, HamiltonianBlock, invert, reversible, sequential
 
 

@@ -1,8 +1,6 @@
 import pytest
 import torch
-from torch import nn
 
-import revnets
 from revnets import build_model, invert, list_models, sequential, smoothness_penalty
 from revnets.networks import PAPER_PARAMS, SCHEME_DEFAULTS, STABLE_SCHEMES
 
