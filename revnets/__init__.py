@@ -1,15 +1,16 @@
 """revnets: stable reversible residual networks (Chang et al., AAAI 2018) in PyTorch."""
 from .blocks import (AdditiveCoupling, BasicBlock, Coupling, HamiltonianBlock, LeapfrogBlock, MidPointBlock,
                      ReversibleBlock, RevNetBlock)
-from .networks import MODELS, Network, build_model, list_models
+from .schemes import SCHEMES, Scheme, get_scheme, register_scheme
+from .networks import MODELS, Network, ReversibleStack, build_model, list_models, register_model
 from .regularization import smoothness_penalty
 from .engine import invert, reversible, sequential
 from .drift import DriftMonitor, reversal_error
 from .multilevel import grow
-from . import exact
+from . import blocks, exact
 
 __version__ = "0.1.0"
 __all__ = ["AdditiveCoupling", "BasicBlock", "Coupling", "HamiltonianBlock", "LeapfrogBlock", "MidPointBlock",
-           "ReversibleBlock", "RevNetBlock", "MODELS", "Network", "build_model", "list_models",
-           "smoothness_penalty", "invert", "reversible", "sequential", "DriftMonitor", "reversal_error", "grow",
-           "exact"]
+           "ReversibleBlock", "RevNetBlock", "SCHEMES", "Scheme", "get_scheme", "register_scheme", "MODELS",
+           "Network", "ReversibleStack", "build_model", "list_models", "register_model", "smoothness_penalty",
+           "invert", "reversible", "sequential", "DriftMonitor", "reversal_error", "grow", "blocks", "exact"]

@@ -10,7 +10,9 @@ A block is one step of size h of an ODE  x' = F(x)  (Eq. 3). The continuous syst
 Its Jacobian J = dF/dx at the block's input (Eq. 9, Eq. 14) decides stability: perturbations grow
 like exp(lambda t) (Eq. 4), with lambda bounded by max Re(eig J) (Eq. 5). The paper proves the
 eigenvalues purely imaginary for the three stable schemes (Appendix); an unconstrained coupling
-has eigenvalues +-sqrt(eig(F' G')), real and positive in general.
+has eigenvalues +-sqrt(eig(F' G')), real and positive in general. Each block class declares its
+system (`ReversibleBlock.vector_field`) and bound; everything here works for an operator K of any
+`dim` (dense, 1-, 2- or 3-D), on a `Network`, a `ReversibleStack` or any module of reversible units.
 
 Blocks are measured as fixed functions: on private copies in evaluation mode, so BatchNorm inside a
 residual function is the affine map of its running statistics (K^T D K keeps the structure of Eq. 10
@@ -32,49 +34,26 @@ import torch
 from torch import Tensor, nn
 from torch.func import jacrev, jvp
 
-from .blocks import AdditiveCoupling, HamiltonianBlock, LeapfrogBlock, MidPointBlock, ReversibleBlock
+from .blocks import AdditiveCoupling, Field, ReversibleBlock
 from .drift import reversal_error
 from .engine import _frozen_running_stats, segment_error
-from .networks import Network, ReversibleUnit
+from .networks import ReversibleUnit
 
 __all__ = ["vector_field", "jacobian", "eigenvalues", "arnoldi", "ritz_values", "spectral_estimate", "growth",
-           "eq21_roots", "linear_revnet", "reversal_drift", "reversal_error", "block_inputs", "check_step_size",
-           "STABILITY_BOUND"]
-
-Field = Callable[[Tensor], Tensor]
-
-# Largest h * |lambda| for which the block's step is stable on x' = J x with imaginary eig(J):
-# Verlet / leapfrog on a second-order system need h * omega < 2 (Eq. 21 with alpha beta = -(h omega)^2);
-# the midpoint rule Y_{j+1} = Y_{j-1} + 2h J Y_j has roots xi = i h omega +- sqrt(1 - (h omega)^2): h omega < 1.
-STABILITY_BOUND: dict[type, float] = {HamiltonianBlock: 2.0, LeapfrogBlock: 2.0, MidPointBlock: 1.0}
+           "eq21_roots", "linear_revnet", "reversal_drift", "reversal_error", "block_inputs", "check_step_size"]
 
 
 def vector_field(block: ReversibleBlock, a: Tensor, b: Tensor) -> tuple[Field, Tensor]:
     """The right-hand side F of the block's ODE and the point x where the block's input (a, b) sits.
 
-    (a, b): the block's state pair, each (N, C, H, W). x: (N, C', H, W) with C' = 2C for the
-    Hamiltonian, Leapfrog and RevNet systems, C' = C for MidPoint; F maps x's shape to itself.
-    The Leapfrog velocity is the discrete one, (Y_j - Y_{j-1}) / h; J does not depend on it.
+    (a, b): the block's state pair, each (N, C, *spatial) (dense: (N, C)). x: (N, C', *spatial)
+    with C' = 2C for the Hamiltonian, Leapfrog and RevNet systems, C' = C for MidPoint; F maps x's
+    shape to itself. Each scheme declares its own (`ReversibleBlock.vector_field`).
     """
-    if isinstance(block, HamiltonianBlock):
-        def field(x: Tensor) -> Tensor:
-            y, z = x.chunk(2, dim=1)
-            return torch.cat((block.k1(z, 1.0), block.k2(y, -1.0)), dim=1)
-        return field, torch.cat((a, b), dim=1)
-    if isinstance(block, LeapfrogBlock):
-        def field(x: Tensor) -> Tensor:
-            y, v = x.chunk(2, dim=1)
-            return torch.cat((v, block.f(y, -1.0)), dim=1)
-        return field, torch.cat((b, (b - a) / block.h), dim=1)
-    if isinstance(block, MidPointBlock):
-        return block.f, b
-    if isinstance(block, AdditiveCoupling):
-        def field(x: Tensor) -> Tensor:
-            y, z = x.chunk(2, dim=1)
-            return torch.cat((block.f(z), block.g(y)), dim=1)
-        return field, torch.cat((a, b), dim=1)
-    raise ValueError(f"expected a HamiltonianBlock, LeapfrogBlock, MidPointBlock or AdditiveCoupling; "
-                     f"got {type(block).__name__}")
+    if not isinstance(block, ReversibleBlock):
+        raise ValueError(f"expected a ReversibleBlock that declares a vector field (HamiltonianBlock, "
+                         f"LeapfrogBlock, MidPointBlock, AdditiveCoupling, ...); got {type(block).__name__}")
+    return block.vector_field(a, b)
 
 
 def _float64_field(block: ReversibleBlock, a: Tensor, b: Tensor) -> tuple[Field, Tensor]:
@@ -240,14 +219,15 @@ def reversal_drift(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor, dept
     return [segment_error(blocks[:n], a.to(dtype), b.to(dtype)) for n in depths]
 
 
-def block_inputs(model: Network, x: Tensor) -> list[tuple[ReversibleBlock, Tensor, Tensor]]:
+def block_inputs(model: nn.Module, x: Tensor) -> list[tuple[ReversibleBlock, Tensor, Tensor]]:
     """(block, a, b) for every reversible block of `model`, with the state it receives on input `x`.
 
+    `model`: a `Network`, a `ReversibleStack` or any module holding `ReversibleUnit`s.
     One forward without graph and without updating BatchNorm running statistics; the entry blocks
     of the units come first in each unit, as `iter(unit)` yields them.
     """
     found: list[tuple[ReversibleBlock, Tensor, Tensor]] = []
-    blocks = [blk for unit in model.units if isinstance(unit, ReversibleUnit)
+    blocks = [blk for unit in model.modules() if isinstance(unit, ReversibleUnit)
               for blk in unit if isinstance(blk, ReversibleBlock)]
     hooks = [blk.register_forward_pre_hook(lambda m, args: found.append((m, *args))) for blk in blocks]
     try:
@@ -259,23 +239,24 @@ def block_inputs(model: Network, x: Tensor) -> list[tuple[ReversibleBlock, Tenso
     return found
 
 
-def check_step_size(model: Network, x: Tensor, steps: int = 30) -> dict:
+def check_step_size(model: nn.Module, x: Tensor, steps: int = 30) -> dict:
     """The largest stable step size of `model` on input `x`, and a warning when its h exceeds it.
 
     For every block, the spectral radius |lambda|max of J at the block's input (Arnoldi, `steps`
     JVPs) gives h_max = bound / |lambda|max, with bound = 2 for Verlet (Hamiltonian) and leapfrog and
-    1 for the midpoint rule (`STABILITY_BOUND`): past it the linearised step has a root |xi| > 1
+    1 for the midpoint rule (the block's `stability_bound`): past it the linearised step has a root |xi| > 1
     (Eq. 21). Returns {"h", "h_max", "spectral_radius", "block"} for the most limiting block
     ("block": its index among the model's reversible blocks); warns (RuntimeWarning) if h >= h_max.
     """
-    inputs = [(blk, a, b) for blk, a, b in block_inputs(model, x) if type(blk) in STABILITY_BOUND]
+    inputs = [(blk, a, b) for blk, a, b in block_inputs(model, x) if blk.stability_bound is not None]
     if not inputs:
-        raise ValueError(f"check_step_size needs a Hamiltonian, Leapfrog or MidPoint network; "
+        raise ValueError(f"check_step_size needs blocks with a stability_bound (a Hamiltonian, Leapfrog or "
+                         f"MidPoint network or stack); "
                          f"got scheme {getattr(model, 'scheme', type(model).__name__)!r}")
     worst = None
     for i, (blk, a, b) in enumerate(inputs):
         radius = spectral_estimate(*ritz_values(blk, a, b, steps))["radius"]
-        h_max = STABILITY_BOUND[type(blk)] / radius if radius > 0 else math.inf
+        h_max = blk.stability_bound / radius if radius > 0 else math.inf
         if worst is None or h_max < worst["h_max"]:
             worst = {"h": blk.h, "h_max": h_max, "spectral_radius": radius, "block": i}
     if worst["h"] >= worst["h_max"]:

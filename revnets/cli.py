@@ -2,8 +2,13 @@
 
 Each command module defines `add_parser(subparsers)`, which registers its subcommand and sets
 `func(args) -> int` as the parser default. Bad arguments end with one clear line and exit code 2.
+
+`revnets --import MODULE COMMAND ...` imports MODULE (from the current directory or the Python
+path) before the command is built, so the schemes and models it registers (`register_scheme`,
+`register_model`) are valid names for every command.
 """
 import argparse
+import importlib
 import os
 import sys
 
@@ -28,6 +33,9 @@ def positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="revnets", description="Stable reversible residual networks.")
     parser.add_argument("--version", action="version", version=f"revnets {__version__}")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first: the schemes and models it registers become valid names "
+                             "(repeatable)")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in _command_modules():
         module.add_parser(sub)
@@ -39,7 +47,23 @@ def _command_modules() -> list:
     return [zoo, plot, evaluate, reproduce, train, report]
 
 
+def import_modules(argv: list[str]) -> None:
+    """Import every `--import MODULE` of `argv` (the current directory first on the path); exit 2 if one fails."""
+    pre = _Parser(prog="revnets", add_help=False)
+    pre.add_argument("--import", dest="imports", action="append", default=[])
+    names = pre.parse_known_args(argv)[0].imports
+    if names and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # the user's module: any error it raises is the reason
+            pre.exit(2, f"revnets: error: --import {name}: {type(e).__name__}: {e}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    import_modules(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -18,37 +18,43 @@ from torch import Tensor, nn
 
 from . import exact as fixed_point
 from .engine import _frozen_running_stats, invert, relative_error, sequential
-from .networks import Network, ReversibleUnit
+from .networks import ReversibleUnit
 
 
 @torch.no_grad()
-def reversal_error(model: Network, x: Tensor) -> dict[str, float]:
+def reversal_error(model: nn.Module, x: Tensor) -> dict[str, float]:
     """Relative error of rebuilding each reversible unit's chain input after one forward on `x`.
 
-    `x`: the network's input (N, C, H, W). Returns {"unit0": e0, ...}, keyed by the unit's index in
-    `model.units` (non-reversible units, as in ResNet, have no key). Runs the model in its current
-    mode (train mode normalises with batch statistics) without updating BatchNorm running
-    statistics, and without building a graph.
+    `model`: a `Network`, a `ReversibleStack` or any module holding `ReversibleUnit`s; `x` its
+    input. Returns {"unit0": e0, ...}, keyed by the unit's place among the model's reversible units
+    (`model.modules()` order: for a `Network`, its index in `model.units`; non-reversible units, as
+    in ResNet, have no key). Runs the model in its current mode (train mode normalises with batch
+    statistics) without updating BatchNorm running statistics, and without building a graph.
     """
-    model.check_input(x)
+    units = [m for m in model.modules() if isinstance(m, ReversibleUnit)]
     errors = {}
-    with _frozen_running_stats([model]):
-        x = model.stem(x).to(model.head.weight.dtype)
-        for i, unit in enumerate(model.units):
-            if not isinstance(unit, ReversibleUnit):
-                x = unit(x)
-                continue
-            a, b = unit.chain_input(x)
-            if unit.exact:  # the backward rebuilds the fixed-point state
-                q = fixed_point.quantize(a), fixed_point.quantize(b)
-                q_out = fixed_point.forward_int(unit.blocks, *q, a.dtype)
-                errors[f"unit{i}"] = relative_error(fixed_point.invert_int(unit.blocks, *q_out, a.dtype), q)
-                out = [fixed_point.dequantize(t, a.dtype) for t in q_out]
-            else:
-                out = sequential(unit.blocks, a, b)
-                errors[f"unit{i}"] = relative_error(invert(unit.blocks, *out), (a, b))
-            x = unit.block.merge(*out)
+
+    def measure(unit: ReversibleUnit, args: tuple) -> None:
+        errors[f"unit{units.index(unit)}"] = _unit_error(unit, args[0])
+    hooks = [unit.register_forward_pre_hook(measure) for unit in units]
+    try:
+        with _frozen_running_stats([model]):
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
     return errors
+
+
+def _unit_error(unit: ReversibleUnit, x: Tensor) -> float:
+    """The reversal error of one unit on its input x."""
+    a, b = unit.chain_input(x)
+    if unit.exact:  # the backward rebuilds the fixed-point state
+        q = fixed_point.quantize(a), fixed_point.quantize(b)
+        q_out = fixed_point.forward_int(unit.blocks, *q, a.dtype)
+        return relative_error(fixed_point.invert_int(unit.blocks, *q_out, a.dtype), q)
+    out = sequential(unit.blocks, a, b)
+    return relative_error(invert(unit.blocks, *out), (a, b))
 
 
 class DriftMonitor:

@@ -23,11 +23,9 @@ import copy
 
 from torch import Tensor, nn
 
-from .blocks import LeapfrogBlock, MidPointBlock
 from .engine import AutoSegment
-from .networks import STABLE_SCHEMES, Network
-
-_TWO_STEP = (MidPointBlock, LeapfrogBlock)
+from .networks import ReversibleUnit
+from .schemes import SCHEMES, get_scheme
 
 
 class Respaced(nn.Module):
@@ -48,26 +46,26 @@ class Respaced(nn.Module):
         return b - self.ratio * (b - a), b
 
 
-def grow(model: Network) -> Network:
+def grow(model: nn.Module) -> nn.Module:
     """A copy of `model` in which every reversible block is two consecutive copies of itself with h
     halved (weights copied); a unit of n blocks becomes one of 2n - 1 (its entry block stays).
 
-    Same function up to O(h) (see the module docstring for two-step schemes). The original is left
-    untouched. To reload a grown network's state_dict, rebuild the original and grow it as often.
+    `model`: a `Network` or `ReversibleStack` (its `scheme` must have a step size h). Same function
+    up to O(h) (see the module docstring for two-step schemes). The original is left untouched. To
+    reload a grown network's state_dict, rebuild the original and grow it as often.
     """
     scheme = getattr(model, "scheme", type(model).__name__)
-    if scheme not in STABLE_SCHEMES:
-        raise ValueError(f"grow needs a network whose blocks have a step size h ({', '.join(STABLE_SCHEMES)}); "
-                         f"got {scheme!r}")
+    if scheme not in SCHEMES or not get_scheme(scheme).has_step:
+        stepped = ", ".join(s for s in SCHEMES if SCHEMES[s].has_step)
+        raise ValueError(f"grow needs a network whose blocks have a step size h ({stepped}); got {scheme!r}")
     model = copy.deepcopy(model)
-    for unit in model.units:
+    for unit in [m for m in model.modules() if isinstance(m, ReversibleUnit)]:
         unit.blocks = nn.ModuleList(_halved(b) for b in unit.blocks for _ in range(2))
         if isinstance(unit.segment, AutoSegment):  # measure the new chain afresh
             unit.segment = AutoSegment(unit.segment.tol, unit.segment.every)
-        if issubclass(unit.block, _TWO_STEP):
+        if unit.block.two_step:
             unit.entry = Respaced(unit.entry.entry, unit.entry.ratio / 2) if isinstance(unit.entry, Respaced) \
                 else Respaced(unit.entry, 0.5)
-    model.units_spec = tuple(1 + len(u.blocks) for u in model.units)
     return model
 
 

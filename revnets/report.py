@@ -103,7 +103,7 @@ def analyze_model(model: Network, x: torch.Tensor, depths: list[int], hs: list[f
     entry = {"scheme": model.scheme, "h": getattr(block, "h", None),
              "state_entries": analysis.vector_field(block, a, b)[1].numel(), "spectrum": summary, "per_depth": per_depth,
              "network_reversal_error": analysis.reversal_error(model, x), "step_size": None, "growth_vs_h": None}
-    if type(block) in analysis.STABILITY_BOUND:
+    if block.stability_bound is not None:
         entry["step_size"] = analysis.check_step_size(model, x)
         entry["growth_vs_h"] = {"depth": h_depth, "h": hs, "growth": [
             _exp(analysis.growth([_with_h(block, h)] * h_depth, a, b, [h_depth], seed)[0]) for h in hs]}

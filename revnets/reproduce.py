@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .checkpoint import atomic_write
-from .networks import MODELS, STABLE_SCHEMES
+from .networks import model_scheme
 from .plot import save_png
 
 EXPERIMENTS = ("table1", "subsampling", "deep")
@@ -134,7 +134,7 @@ def grid(experiment: str, budget: str, data: dict, models=None, fractions=None, 
                 raise ValueError(f"training fractions must lie in (0, 1]; got {fraction}")
             for seed in seeds if seeds is not None else recipe.seeds:
                 flags = dict(model=recipe.models[label], **data, **recipe.train, seed=seed)
-                if norm and MODELS[flags["model"]]["scheme"] in STABLE_SCHEMES:
+                if norm and model_scheme(flags["model"]).has_step:
                     flags["norm"] = norm
                 if fraction < 1:
                     flags["train_fraction"] = fraction

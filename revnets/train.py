@@ -36,7 +36,7 @@ from torch import nn
 
 from . import __version__, checkpoint, data
 from .evaluate import AMP_DTYPES, autocast, totals
-from .networks import MODELS, NORMS, STABLE_SCHEMES
+from .networks import MODELS, NORMS, model_scheme
 from .progress import FIELDS, EpochBar, MetricsCSV, epoch_line, tensorboard_writer
 from .regularization import smoothness_penalty
 
@@ -98,8 +98,7 @@ class Config:
     def validate(self) -> None:
         if self.dataset not in data.DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; expected one of {', '.join(data.DATASETS)}")
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; valid names: {', '.join(MODELS)}")
+        scheme = model_scheme(self.model)  # ValueError naming the registered models
         if not 0 < self.train_fraction <= 1:
             raise ValueError(f"--train-fraction must lie in (0, 1]; got {self.train_fraction}")
         if self.data_dir is not None and not self.download and not Path(self.data_dir).is_dir():
@@ -117,7 +116,7 @@ class Config:
             raise ValueError(f"--segment must be 'auto' or a positive number of blocks; got {self.segment!r}")
         if self.drift_every < 0:
             raise ValueError(f"--drift-every must be >= 0 (0: off); got {self.drift_every}")
-        if self.grow_at and MODELS[self.model]["scheme"] not in STABLE_SCHEMES:
+        if self.grow_at and not scheme.has_step:
             raise ValueError(f"--grow-at halves the step size h, which {self.model} does not have")
         if any(not 1 <= g < self.epochs for g in self.grow_at):
             raise ValueError(f"--grow-at epochs must lie in [1, {self.epochs}); got {self.grow_at}")

@@ -1,4 +1,4 @@
-"""`revnets models`: the model zoo of Table 1 with our parameter counts next to the paper's.
+"""`revnets models`: the registered models (Table 1 first) with our parameter counts next to the paper's.
 
 Models are built on the meta device, so counting the parameters of the 1,202-layer networks
 allocates no memory and takes milliseconds.
@@ -22,12 +22,13 @@ def count_parameters(name: str, num_classes: int = 10) -> int:
 
 def model_table(num_classes: int = 10) -> list[dict]:
     """One row per model: name, scheme, units, channels, params (ours, for a `num_classes` head)
-    and paper_params (Table 1's count for that head, in parameters; None when the paper gives none)."""
+    and paper_params (Table 1's count for that head, in parameters; None when the paper gives none,
+    as for a model registered with `register_model`)."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer; got {num_classes}")
     rows = []
     for name, spec in MODELS.items():
-        paper = dict(zip(PAPER_HEADS, PAPER_PARAMS[name])).get(num_classes)
+        paper = dict(zip(PAPER_HEADS, PAPER_PARAMS.get(name, ()))).get(num_classes)
         rows.append(dict(name=name, scheme=spec["scheme"], units=spec["units"], channels=spec["channels"],
                          params=count_parameters(name, num_classes),
                          paper_params=None if paper is None else round(paper * 1e6)))
@@ -62,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("models", help="list the Table 1 models with parameter counts",
-                              description="List the Table 1 models with our parameter counts next to the paper's "
-                                          "(3 input channels; paper counts exist for 10 and 100 classes).")
+    p = subparsers.add_parser("models", help="list the registered models with parameter counts",
+                              description="List the registered models (Table 1 first) with our parameter counts next to the "
+                                          "paper's (3 input channels; paper counts exist for 10 and 100 classes).")
     p.add_argument("--num-classes", type=positive_int, nargs="+", default=list(PAPER_HEADS),
                    help="classifier head sizes to count (default: 10 100)")
     p.set_defaults(func=run)

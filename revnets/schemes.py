@@ -1,0 +1,99 @@
+"""The scheme registry: one record per residual scheme, which the rest of the library asks.
+
+A scheme is a block class and its defaults. The block class says how it steps (`couplings`, or
+`forward` for a non-reversible block), how a unit starts (`entry`, `split`, `merge`), the ODE it
+discretises (`vector_field`), its `stability_bound` and whether it is `two_step`; see
+`revnets.blocks.ReversibleBlock`, which declares the defaults. Adding a scheme is one class and one
+call::
+
+    class Additive(revnets.ReversibleBlock):
+        def __init__(self, channels, width=8, dim=2):
+            super().__init__()
+            op = revnets.blocks.operator  # Linear (dim 0) or 3^dim convolution
+            self.f = nn.Sequential(op(channels // 2, width, dim), nn.Tanh(), op(width, channels // 2, dim))
+            self.g = nn.Sequential(op(channels // 2, width, dim), nn.Tanh(), op(width, channels // 2, dim))
+
+        def couplings(self):
+            return revnets.Coupling(+1, self.f), revnets.Coupling(+1, self.g)
+
+    revnets.register_scheme("additive", Additive, width=8)
+
+after which `Network`, `ReversibleStack`, `register_model`, analysis and the command line take the
+name "additive".
+"""
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from torch import nn
+
+from .blocks import BasicBlock, HamiltonianBlock, LeapfrogBlock, MidPointBlock, ReversibleBlock, RevNetBlock
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A registered scheme: its `name`, its `block` class and the keyword `defaults` its blocks are built with.
+
+    `reversible`: the block is a `ReversibleBlock` (its units run through the memory-efficient
+    engine); otherwise it is built as `block(c_in, c_out, stride, **kw)`, as ResNet's basic block.
+    `has_step`: its defaults name a step size h (`revnets.grow` halves it). `bound`: the largest
+    stable h |lambda| (None: no stability guarantee). `two_step`: the state is two trajectory points.
+    """
+
+    name: str
+    block: type[nn.Module]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def reversible(self) -> bool:
+        return issubclass(self.block, ReversibleBlock)
+
+    @property
+    def has_step(self) -> bool:
+        return "h" in self.defaults
+
+    @property
+    def bound(self) -> float | None:
+        return getattr(self.block, "stability_bound", None)
+
+    @property
+    def two_step(self) -> bool:
+        return getattr(self.block, "two_step", False)
+
+
+SCHEMES: dict[str, Scheme] = {}
+
+
+def register_scheme(name: str, block_cls: type[nn.Module], **defaults) -> Scheme:
+    """Register `block_cls` under `name`, built with keyword `defaults` unless overridden; returns its record.
+
+    `block_cls`: a `ReversibleBlock` subclass taking `(channels, **kw)` (kw receives the defaults,
+    the overrides and `dim`), or a non-reversible `nn.Module` taking `(c_in, c_out, stride, **kw)`.
+    A name can be registered once.
+    """
+    if not (isinstance(name, str) and name):
+        raise ValueError(f"a scheme name must be a non-empty string; got {name!r}")
+    if name in SCHEMES:
+        raise ValueError(f"scheme {name!r} is already registered (to {SCHEMES[name].block.__name__})")
+    if not (isinstance(block_cls, type) and issubclass(block_cls, nn.Module)):
+        raise ValueError(f"register_scheme expects an nn.Module class for {name!r}; got {block_cls!r}")
+    SCHEMES[name] = Scheme(name, block_cls, MappingProxyType(dict(defaults)))
+    return SCHEMES[name]
+
+
+def get_scheme(scheme: "str | Scheme") -> Scheme:
+    """The record of a scheme name (a record is returned as it is); ValueError naming the registered ones."""
+    if isinstance(scheme, Scheme):
+        return scheme
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    return SCHEMES[scheme]
+
+
+# The paper's schemes. BatchNorm inside K^T s(N(K y + b)) and h = 0.1 trained best of
+# {no norm, BatchNorm} x {0.1, 1.0} in benchmarks/defaults.py (README, "Defaults").
+register_scheme("hamiltonian", HamiltonianBlock, h=0.1, act=nn.ReLU, norm="batch")
+register_scheme("midpoint", MidPointBlock, h=0.1, act=nn.ReLU, norm="batch")
+register_scheme("leapfrog", LeapfrogBlock, h=0.1, act=nn.ReLU, norm="batch")
+register_scheme("revnet", RevNetBlock, act=nn.ReLU, norm="batch")
+register_scheme("resnet", BasicBlock, act=nn.ReLU, norm="batch")
