@@ -7,30 +7,57 @@ import pytest
 import torch
 from torch import nn
 
-from revnets import analysis, build_model
+from revnets import ReversibleStack, analysis, build_model
 from revnets.blocks import HamiltonianBlock, LeapfrogBlock, MidPointBlock, RevNetBlock
 from revnets.cli import main
 
 
-def _block(kind: str, channels: int = 4, act=nn.Tanh, h: float = 0.1):
-    """A tiny block and a random input state of batch one, 4x4 pixels."""
+SPATIAL = {0: (), 1: (9,), 2: (4, 4), 3: (3, 3, 3)}  # dense features, 1-D signals, images, volumes
+
+
+def _block(kind: str, channels: int = 4, act=nn.Tanh, h: float = 0.1, dim: int = 2):
+    """A tiny block and a random input state of batch one (dense: batch 4), 4x4 pixels for dim 2."""
     torch.manual_seed(0)
-    block = {"hamiltonian": lambda: HamiltonianBlock(channels, h=h, act=act),
-             "leapfrog": lambda: LeapfrogBlock(channels, h=h, act=act),
-             "midpoint": lambda: MidPointBlock(channels, h=h, act=act),
-             "revnet": lambda: RevNetBlock(channels, act=act, norm=None)}[kind]()
+    block = {"hamiltonian": lambda: HamiltonianBlock(channels, h=h, act=act, dim=dim),
+             "leapfrog": lambda: LeapfrogBlock(channels, h=h, act=act, dim=dim),
+             "midpoint": lambda: MidPointBlock(channels, h=h, act=act, dim=dim),
+             "revnet": lambda: RevNetBlock(channels, act=act, norm=None, dim=dim)}[kind]()
     width = channels if kind in ("leapfrog", "midpoint") else channels // 2
-    return block, torch.randn(1, width, 4, 4), torch.randn(1, width, 4, 4)
+    shape = (4 if dim == 0 else 1, width, *SPATIAL[dim])
+    return block, torch.randn(shape), torch.randn(shape)
 
 
 # With ReLU, J has Jordan blocks at 0 and rounding moves those eigenvalues by ~sqrt(1e-16) = 1e-8;
-# smooth activations show the Appendix's result to ~1e-16.
+# smooth activations show the Appendix's result to ~1e-16. "Any linear operator" (Section 3): the
+# spectrum is imaginary for K a dense matrix and a 1-, 2- or 3-D convolution alike.
+@pytest.mark.parametrize("dim", [0, 1, 2, 3])
 @pytest.mark.parametrize("act,tol", [(nn.Tanh, 1e-8), (nn.ReLU, 1e-6)])
 @pytest.mark.parametrize("kind", ["hamiltonian", "leapfrog", "midpoint"])
-def test_stable_schemes_have_imaginary_spectra(kind, act, tol):
-    values = analysis.eigenvalues(*_block(kind, act=act))
+def test_stable_schemes_have_imaginary_spectra(kind, act, tol, dim):
+    values = analysis.eigenvalues(*_block(kind, act=act, dim=dim))
     assert values.abs().max() > 0.1
     assert values.real.abs().max() < tol
+
+
+@pytest.mark.parametrize("dim", [0, 1, 3])
+def test_revnet_coupling_has_real_eigenvalues_in_every_dim(dim):
+    assert analysis.eigenvalues(*_block("revnet", act=nn.Tanh, dim=dim)).real.max() > 1e-3
+
+
+@pytest.mark.parametrize("dim", [0, 1, 3])
+@pytest.mark.parametrize("scheme", ["hamiltonian", "midpoint"])
+def test_stack_spectra_growth_and_step_size_for_every_operator(scheme, dim):
+    torch.manual_seed(0)
+    stack = ReversibleStack(scheme, 4, 6, dim=dim, act=nn.Tanh).eval()
+    x = torch.randn(4 if dim == 0 else 1, 4, *SPATIAL[dim])
+    (block, a, b), = [(blk, a, b) for blk, a, b in analysis.block_inputs(stack, x) if blk is stack.blocks[0]]
+    dense = analysis.eigenvalues(block, a, b)
+    assert dense.real.abs().max() < 1e-8 and dense.abs().max() > 0.1  # Eq. (9), Eq. (14)
+    ritz = analysis.spectral_estimate(*analysis.ritz_values(block, a, b, steps=40))
+    assert ritz["radius"] == pytest.approx(dense.abs().max().item(), rel=1e-3)
+    assert abs(analysis.growth([block] * 50, a, b, [50])[0]) < 2  # imaginary spectrum: no exponential growth
+    step = analysis.check_step_size(stack, x, steps=20)
+    assert step["h_max"] == pytest.approx(block.stability_bound / step["spectral_radius"])
 
 
 def test_revnet_coupling_has_positive_real_parts():

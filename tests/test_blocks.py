@@ -3,8 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revnets.blocks import (AdditiveCoupling, AntisymmetricLayer, BasicBlock, HamiltonianBlock, LeapfrogBlock,
-                            MidPointBlock, RevNetBlock, RevNetEntry, SymmetricLayer)
+from revnets.blocks import (DIMS, AdditiveCoupling, AntisymmetricLayer, BasicBlock, Coupling, HamiltonianBlock,
+                            LeapfrogBlock, MidPointBlock, RevNetBlock, RevNetEntry, SymmetricLayer, adjoint, apply,
+                            make_norm, operator, transposed_weight)
 
 torch.manual_seed(0)
 
@@ -98,3 +99,63 @@ def test_revnet_entry_and_basic_block_widen_and_halve():
     assert y2.shape == z2.shape == (3, 8, 3, 3)
     out = BasicBlock(4, 8, stride=2)(y)
     assert out.shape == (3, 8, 3, 3) and (out >= 0).all()
+
+
+# ---- any linear operator: dense, 1-, 2- and 3-D ------------------------------------------------
+
+SPATIAL = {0: (), 1: (7,), 2: (5, 6), 3: (4, 3, 5)}
+
+
+def _field(c, dim, seed=0):
+    return torch.randn(2, c, *SPATIAL[dim], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dim", DIMS)
+def test_adjoint_is_the_operators_transpose(dim):
+    k = operator(3, 5, dim, bias=False).double()  # C_in != C_out: K^T maps back onto K's input
+    assert isinstance(k, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)[dim]) and k.weight.dim() == 2 + dim
+    x, y = _field(3, dim), _field(5, dim, seed=1)
+    kt_y = adjoint(y, k.weight, dim)
+    assert kt_y.shape == x.shape
+    torch.testing.assert_close((k(x) * y).sum(), (x * kt_y).sum(), rtol=1e-12, atol=0)  # <Kx, y> = <x, K^T y>
+    w_t = transposed_weight(k.weight, dim)  # K^T as an operator of K's kind
+    torch.testing.assert_close(apply(y, w_t, None, dim), kt_y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dim", DIMS)
+def test_symmetric_and_antisymmetric_layers_in_every_dim(dim):
+    sym, anti = SymmetricLayer(4, act=nn.Identity, dim=dim).double(), AntisymmetricLayer(4, act=nn.Identity, dim=dim).double()
+    for layer in (sym, anti):
+        nn.init.zeros_(layer.conv.bias)
+    u, v = _field(4, dim), _field(4, dim, seed=1)
+    # K^T K: symmetric positive semi-definite; K - K^T: antisymmetric, Eq. (7) and (13)
+    torch.testing.assert_close((sym(u) * v).sum(), (u * sym(v)).sum(), rtol=1e-12, atol=0)
+    torch.testing.assert_close((sym(u) * u).sum(), sym.conv(u).pow(2).sum(), rtol=1e-12, atol=0)
+    torch.testing.assert_close((anti(u) * v).sum(), -(u * anti(v)).sum(), rtol=1e-12, atol=1e-12)
+    assert (anti(u) * u).sum().abs() < 1e-10 and anti(u).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("dim", DIMS)
+def test_make_norm_matches_the_operator(dim):
+    norm = make_norm("batch", 6, dim)
+    assert isinstance(norm, (nn.BatchNorm1d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dim])
+    assert norm(_field(6, dim).float()).shape == (2, 6, *SPATIAL[dim])
+    assert isinstance(make_norm(None, 6, dim), nn.Identity)
+    with pytest.raises(ValueError, match="norm must be None, 'batch' or a callable"):
+        make_norm("layer", 6, dim)
+
+
+@pytest.mark.parametrize("sign", [+1, -1])
+def test_coupling_sign_arithmetic_inverts_exactly_on_integers_and_floats(sign):
+    coupling = Coupling(sign, lambda b: b)
+    qa, qu = torch.tensor([3, -7, 2**40]), torch.tensor([5, 11, -(2**41)])
+    assert torch.equal(coupling.combine(qa, qu), sign * qa + qu)
+    assert torch.equal(coupling.solve(coupling.combine(qa, qu), qu), qa)
+    a, b = _pair(2)
+    assert torch.equal(coupling(a, b)[1], sign * a + b)
+    torch.testing.assert_close(coupling.invert(*coupling(a, b))[0], a, rtol=0, atol=1e-15)
+
+
+def test_operator_rejects_a_dim_outside_0_to_3():
+    with pytest.raises(ValueError, match=r"dim must be 0 \(dense\), 1, 2 or 3"):
+        operator(4, 4, dim=4)

@@ -3,10 +3,13 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from revnets.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_output_into_a_closed_pipe_ends_quietly(monkeypatch):
@@ -40,3 +43,29 @@ def test_positive_int_accepts_counts_only(text, ok):
     else:
         with pytest.raises(argparse.ArgumentTypeError, match="positive integer"):
             positive_int(text)
+
+
+def test_import_registers_a_users_schemes_and_models_before_the_command():
+    """`revnets --import user_scheme models` in a fresh process (the module in the current directory):
+    its models are listed, with "-" where the paper gives no count."""
+    done = subprocess.run([sys.executable, "-m", "revnets.cli", "--import", "user_scheme", "models", "--num-classes",
+                           "10"], capture_output=True, text=True, cwd=ROOT / "tests",
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    row = next(line for line in done.stdout.splitlines() if line.startswith("user-tanh-6 "))
+    assert row.split()[1:4] == ["user-tanh", "2-2-2", "8-16-16"] and row.split()[-1] == "-"
+
+
+def test_imported_models_are_valid_names_for_the_commands(tmp_path, capsys):
+    argv = ["--import", "user_scheme", "train", "--model", "user-tanh-6", "--grow-at", "1", "--epochs", "2",
+            "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    assert "--grow-at halves the step size h, which user-tanh-6 does not have" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_import_of_a_missing_module_is_one_line_and_exit_code_2(capsys):
+    with pytest.raises(SystemExit) as end:
+        main(["--import", "no_such_module_xyz", "models"])
+    assert end.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        "revnets: error: --import no_such_module_xyz: ModuleNotFoundError: No module named 'no_such_module_xyz'"]

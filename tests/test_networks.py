@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from revnets import build_model, invert, list_models, sequential, smoothness_penalty
+from revnets import (DriftMonitor, ReversibleStack, build_model, invert, list_models, reversal_error, sequential,
+                     smoothness_penalty)
+from revnets.networks import ReversibleUnit
 from revnets.networks import PAPER_PARAMS
 from revnets.schemes import SCHEMES
 
@@ -124,3 +126,68 @@ def test_smoothness_penalty_vanishes_for_constant_kernels(name):
                 for (n, p), q in zip(block.named_parameters(), blocks[0].parameters()):
                     p.copy_(q)
     assert smoothness_penalty(model) == 0
+
+
+# ---- ReversibleStack: one unit of any scheme on dense features or 1-, 2-, 3-D signals -----------
+
+@pytest.mark.parametrize("dim, shape", [(0, (3, 6)), (1, (3, 6, 9)), (2, (3, 6, 5, 4)), (3, (3, 6, 3, 4, 2))])
+def test_reversible_stack_keeps_the_shape_and_the_engine_options(dim, shape):
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64)
+    plain = ReversibleStack("hamiltonian", 6, 5, dim=dim, memory_efficient=False).double()
+    reference = plain(x.clone().requires_grad_())
+    reference.sum().backward()
+    for kw in (dict(segment=2), dict(exact=True), dict(segment="auto")):
+        stack = ReversibleStack("hamiltonian", 6, 5, dim=dim, **kw).double()
+        stack.load_state_dict(plain.state_dict())
+        xi = x.clone().requires_grad_()
+        out = stack(xi)
+        assert out.shape == x.shape and stack.depth == 5
+        torch.testing.assert_close(out, reference, rtol=0, atol=1e-8)
+        out.sum().backward()
+        for p, q in zip(stack.parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-8)
+    assert reversal_error(ReversibleStack("leapfrog", 6, 5, dim=dim, exact=True).double(), x) == {"unit0": 0.0}
+    errors = DriftMonitor(every=1, threshold=1e-6).step(plain, x, step=0)
+    assert errors.keys() == {"unit0"} and errors["unit0"] < 1e-12
+
+
+def test_reversible_stack_takes_the_scheme_settings():
+    stack = ReversibleStack("midpoint", 4, 3, dim=1, h=0.3, norm=None, act=torch.nn.Tanh)
+    assert all(b.h == 0.3 for b in stack) and stack.entry.block.euler and not stack.blocks[0].euler
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in stack.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in ReversibleStack("revnet", 4, 2, dim=3).modules())
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: ReversibleStack("hamiltonian", 5, 3, dim=1), "odd channels=5"),
+    (lambda: ReversibleStack("revnet", 7, 3, dim=0), "odd channels=7"),
+    (lambda: ReversibleStack("hamiltonian", 4, 3, dim=4), r"dim must be 0 \(dense\), 1, 2 or 3"),
+    (lambda: ReversibleStack("hamiltonian", 4, 3, dim=-1), r"dim must be 0 \(dense\), 1, 2 or 3"),
+    (lambda: ReversibleStack("verlet", 4, 3), "unknown scheme 'verlet'; expected one of hamiltonian"),
+    (lambda: ReversibleStack("resnet", 4, 3), "needs a reversible scheme"),
+    (lambda: ReversibleStack("hamiltonian", 4, 0), "depth >= 1"),
+    (lambda: ReversibleStack("revnet", 4, 3, h=0.1), "no setting h; valid overrides: act, norm, segment, exact"),
+])
+def test_reversible_stack_rejects_bad_settings(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("dim, shape, expected", [(0, (2, 4, 3), r"\(N, 4\)"), (1, (2, 4), r"\(N, 4, L\)"),
+                                                  (3, (2, 4, 3, 3), r"\(N, 4, D, H, W\)"), (2, (2, 5, 3, 3), r"\(N, 4, H, W\)")])
+def test_reversible_stack_names_the_expected_input_shape(dim, shape, expected):
+    stack = ReversibleStack("hamiltonian", 4, 2, dim=dim)
+    with pytest.raises(ValueError, match=expected):
+        stack(torch.randn(*shape))
+    with pytest.raises(ValueError, match=expected):
+        reversal_error(stack, torch.randn(*shape))
+
+
+def test_network_units_are_the_same_blocks_with_dim_2():
+    model = build_model("hamiltonian-74", **SMALL)
+    stack = ReversibleStack("hamiltonian", 8, 2)
+    assert type(model.units[0]).__mro__[0] is ReversibleUnit and isinstance(stack, ReversibleUnit)
+    assert [(k, v.shape) for k, v in model.units[0].state_dict().items()] == \
+        [(k, v.shape) for k, v in stack.state_dict().items()]
+    assert model.units_spec == (2, 2, 2) and build_model("resnet-32", **SMALL).units_spec == (2, 2, 2)

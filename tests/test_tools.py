@@ -13,7 +13,7 @@ from revnets.evaluate import evaluate, training_stats
 from revnets.train import Config, train
 from revnets.networks import MODELS, PAPER_PARAMS
 from revnets.plot import plot_runs, read_metrics, save_png
-from revnets.zoo import model_table
+from revnets.zoo import count_parameters, model_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METRICS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "images_per_s", "peak_mb"]
@@ -47,6 +47,15 @@ def test_models_command_prints_aligned_table(capsys):
     column = lines[0].index("params (10 cl.)")
     assert all(line[column - 2:column] == "  " for line in lines)  # every row's column starts at the same place
     assert "hamiltonian-74" in lines[2 + list(MODELS).index("hamiltonian-74")]
+
+
+def test_a_registered_model_without_a_paper_count_shows_a_dash(capsys):
+    """conftest.py registered user-tanh-6 (tests/user_scheme.py), which Table 1 does not list."""
+    assert main(["models"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("user-tanh-6 "))
+    ours = [f"{count_parameters('user-tanh-6', k) / 1e6:.2f}M" for k in (10, 100)]
+    assert row.split()[1:] == ["user-tanh", "2-2-2", "8-16-16", ours[0], "-", ours[1], "-"]
+    assert {r["name"]: r["paper_params"] for r in model_table(10)}["user-tanh-6"] is None
 
 
 def test_models_command_rejects_bad_num_classes(capsys):
