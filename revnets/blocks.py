@@ -46,26 +46,26 @@ _BATCH_NORM = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.Ba
 class Coupling(NamedTuple):
     """One additive coupling (a, b) -> (b, sign * a + update(b)).
 
-    `combine` and `solve` are its sign arithmetic, written once: c = s a + u and its inverse
-    a = s (c - u). They take any tensors (float states, or the integers of `revnets.exact`).
+    `step` and `unstep` are its sign arithmetic, written once: the float engine, the fixed-point
+    engine (on int64 increments) and the blocks all call them.
     """
 
     sign: int
     update: Callable[[Tensor], Tensor]
 
-    def combine(self, a: Tensor, u: Tensor) -> Tensor:
+    def step(self, a: Tensor, u: Tensor) -> Tensor:
         """c = sign * a + u."""
         return a + u if self.sign > 0 else u - a
 
-    def solve(self, c: Tensor, u: Tensor) -> Tensor:
-        """a = sign * (c - u), the inverse of `combine` for the same u."""
+    def unstep(self, c: Tensor, u: Tensor) -> Tensor:
+        """a = sign * (c - u), the inverse of `step`."""
         return c - u if self.sign > 0 else u - c
 
     def __call__(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        return b, self.combine(a, self.update(b))
+        return b, self.step(a, self.update(b))
 
     def invert(self, b: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        return self.solve(c, self.update(b)), b
+        return self.unstep(c, self.update(b)), b
 
 
 class ReversibleBlock(nn.Module):
