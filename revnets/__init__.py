@@ -7,10 +7,10 @@ from .regularization import smoothness_penalty
 from .engine import invert, reversible, sequential
 from .drift import DriftMonitor, reversal_error
 from .multilevel import grow
-from . import blocks, exact
+from . import analysis, blocks, exact
 
 __version__ = "0.1.0"
 __all__ = ["AdditiveCoupling", "BasicBlock", "Coupling", "HamiltonianBlock", "LeapfrogBlock", "MidPointBlock",
            "ReversibleBlock", "RevNetBlock", "SCHEMES", "Scheme", "get_scheme", "register_scheme", "MODELS",
            "Network", "ReversibleStack", "build_model", "list_models", "register_model", "smoothness_penalty",
-           "invert", "reversible", "sequential", "DriftMonitor", "reversal_error", "grow", "blocks", "exact"]
+           "invert", "reversible", "sequential", "DriftMonitor", "reversal_error", "grow", "analysis", "blocks", "exact"]
