@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import revnets
 from revnets import ReversibleStack, analysis, engine, grow
