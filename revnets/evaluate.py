@@ -55,7 +55,7 @@ def add_parser(subparsers) -> None:
                                           "test split, standardised with its training split's channel statistics.")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a .pt file written by `revnets train`")
     p.add_argument("--dataset", required=True, choices=data.DATASETS, help="the test split to evaluate on")
-    p.add_argument("--data-dir", default=None, help="where the dataset lives (see `revnets train --help`)")
+    p.add_argument("--data-dir", default=None, help="where the dataset lives (see `revnets train --help`; default: ./data)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--batch-size", type=positive_int, default=1000, help="images per batch (default: 1000)")
     p.add_argument("--amp", choices=list(AMP_DTYPES), default="off", help="autocast precision on the device (default: off)")

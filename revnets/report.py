@@ -219,8 +219,8 @@ def add_parser(subparsers) -> None:
                               description="Measure the stability of models' blocks (paper, Section 3) and write "
                                           "stability.json and stability-*.png into --out.")
     p.add_argument("--model", nargs="+", default=[], choices=list(MODELS), metavar="NAME",
-                   help=f"Table 1 models, built with --units/--channels ({', '.join(MODELS)})")
-    p.add_argument("--checkpoint", nargs="+", default=[], metavar="PATH", help="trained models (revnets train's .pt)")
+                   help=f"Table 1 models, built with --units/--channels ({', '.join(MODELS)}; default: none)")
+    p.add_argument("--checkpoint", nargs="+", default=[], metavar="PATH", help="trained models (revnets train's .pt; default: none)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--depths", nargs="+", type=int, default=[1, 10, 100, 1000], metavar="N",
                    help="chain depths in blocks (default: 1 10 100 1000)")
@@ -232,5 +232,5 @@ def add_parser(subparsers) -> None:
     p.add_argument("--h-values", nargs="+", type=float, default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0], metavar="H",
                    help="step sizes for growth versus h (default: 0.01 0.03 0.1 0.3 1 3)")
     p.add_argument("--h-depth", type=int, default=100, help="depth of growth versus h (default: 100)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the input (default: 0)")
     p.set_defaults(func=run)

@@ -226,3 +226,78 @@ def test_block_flags_reach_the_network_and_its_checkpoint(tmp_path, flags, check
 def test_bad_block_flags_end_with_one_line(tmp_path, capsys, flags):
     assert _exit_code(["train", *TINY, "--out", str(tmp_path / "run"), *flags]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+# ---- faults stop the run; the files keep the last finite state ----------------------------------
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_finite_epoch(tmp_path, monkeypatch):
+    real, calls = train.train_step, []
+
+    def poisoned_in_epoch_2(model, opt, x, y, **kw):  # the real step; NaN batches after epoch 1 (6 steps)
+        calls.append(1)
+        return real(model, opt, x * float("nan") if len(calls) > 6 else x, y, **kw)
+    monkeypatch.setattr(train, "train_step", poisoned_in_epoch_2)
+    with pytest.raises(train.NonFiniteError, match=r"non-finite loss at epoch 2, step 1 of 6; .*last.pt holds epoch 1"):
+        _run(tmp_path, "--epochs", "3")
+    for name in ("last.pt", "best.pt"):
+        ckpt = checkpoint.load(tmp_path / name)
+        assert ckpt["epoch"] == 1 and checkpoint.count_nonfinite(ckpt["model"]) == 0
+    assert len(_metrics(tmp_path)) == 1 and not (tmp_path / "summary.json").exists()
+
+
+def test_a_diverging_learning_rate_exits_3_with_one_line(tmp_path, capsys):
+    assert cli.main(["train", *TINY, "--epochs", "2", "--lr", "1e6", "--out", str(tmp_path / "run")]) == 3
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and re.match(r"revnets train: stopped: non-finite (loss|gradient) at epoch 1, step \d", err)
+    assert "nothing was saved" in err and "--lr (now 1e+06) or --h" in err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_eval_refuses_a_checkpoint_with_non_finite_weights(tmp_path, capsys):
+    _run(tmp_path, "--epochs", "1")
+    ckpt = checkpoint.load(tmp_path / "last.pt")
+    ckpt["model"]["head.weight"][0, 0] = float("nan")
+    checkpoint.save(tmp_path / "nan.pt", ckpt)
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "nan.pt"), "--dataset", "digits"]) == 2
+    assert "nan.pt holds 1 non-finite weights" in capsys.readouterr().err
+
+
+# ---- validation, runs that grow, runs started from weights ---------------------------------------
+
+def test_without_a_validation_split_best_is_chosen_on_test_and_said_so(tmp_path, capsys):
+    summary = _run(tmp_path, "--epochs", "2", "--val-fraction", "0")
+    rows = _metrics(tmp_path)
+    assert summary["best_on"] == "test" and summary["best_val_acc"] is None
+    assert summary["best_test_acc"] == max(float(r["test_acc"]) for r in rows)
+    assert all(r["val_acc"] == "" for r in rows)
+    out = capsys.readouterr().out
+    assert "(1,437 train / 360 test images)" in out and "best.pt is chosen on the test set" in out
+
+
+def test_resume_with_more_epochs_continues_as_one_longer_run_bitwise(tmp_path):
+    flags = ["--seed", "2", "--lr", "0.05"]
+    longer = _run(tmp_path / "long", *flags, "--epochs", "3", "--milestones", "1", "2")
+    _run(tmp_path / "grown", *flags, "--epochs", "2")  # default milestones for 2 epochs: 1 and 2
+    with pytest.raises(ValueError, match="different settings: lr=0.05"):
+        parse_config(["--resume", str(tmp_path / "grown"), "--epochs", "3", "--lr", "0.1"])
+    grown = train.train(parse_config(["--resume", str(tmp_path / "grown"), "--epochs", "3"]))
+    assert [r["lr"] for r in _metrics(tmp_path / "grown")] == [r["lr"] for r in _metrics(tmp_path / "long")]
+    a, b = checkpoint.load(tmp_path / "long" / "last.pt"), checkpoint.load(tmp_path / "grown" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert grown["final_acc"] == longer["final_acc"] and grown["epochs"] == 3
+    config = json.loads((tmp_path / "grown" / "config.json").read_text())
+    assert config["epochs"] == 3 and config["extended"] == [dict(after_epoch=2, epochs=2, milestones=[1, 2])]
+    with pytest.raises(ValueError, match="already trained 3 epochs"):
+        train.train(parse_config(["--resume", str(tmp_path / "grown"), "--epochs", "2"]))
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tmp_path):
+    _run(tmp_path / "first", "--epochs", "1")
+    weights = checkpoint.load(tmp_path / "first" / "last.pt")["model"]
+    run = train.Run(parse_config([*TINY, "--epochs", "1", "--out", str(tmp_path / "second"), "--init-from",
+                                  str(tmp_path / "first" / "last.pt")]))
+    assert run.start == 0 and all(torch.equal(run.net.state_dict()[k], weights[k]) for k in weights)
+    assert not (tmp_path / "second").exists()  # making a Run writes nothing
+    with pytest.raises(ValueError, match="last.pt does not match the model"):
+        train.Run(parse_config([*TINY, "--channels", "8", "8", "8", "--out", str(tmp_path / "third"),
+                                "--init-from", str(tmp_path / "first" / "last.pt")]))
