@@ -92,3 +92,14 @@ def test_ctrl_c_exits_130_with_one_line_that_says_how_to_continue(tmp_path):
                           f"continue with: revnets train --resume {run}"
     ckpt = checkpoint.load(run / "last.pt")  # loadable, and the directory is coherent
     assert checkpoint.load(run / "best.pt")["epoch"] == ckpt["best_epoch"] and not (run / ".lock").exists()
+
+
+def test_ctrl_c_waits_until_a_group_of_files_is_written():
+    from revnets.files import deferred_interrupt
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("both files written")
+    assert done == ["both files written"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

@@ -184,10 +184,12 @@ def test_evaluate_equals_direct_computation(digits_run):
 def test_eval_command_prints_the_runs_accuracy(digits_run, capsys):
     path, summary, ds = digits_run
     assert main(["eval", "--checkpoint", str(path), "--dataset", "digits", "--batch-size", "128"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     printed = float(re.search(r"accuracy ([\d.]+)%", out).group(1))
     assert printed == pytest.approx(100 * summary["final_acc"], abs=100 * 1.5 / 360)
     assert "360 images" in out
+    assert "evaluating" in captured.err  # a bar on a terminal, one line in a log
 
 
 def test_evaluate_bf16_autocast_runs_on_cpu(digits_run):

@@ -301,3 +301,24 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tmp_path):
     with pytest.raises(ValueError, match="last.pt does not match the model"):
         train.Run(parse_config([*TINY, "--channels", "8", "8", "8", "--out", str(tmp_path / "third"),
                                 "--init-from", str(tmp_path / "first" / "last.pt")]))
+
+
+def test_weights_that_overflow_in_the_last_step_of_an_epoch_are_not_saved(tmp_path, monkeypatch):
+    real, calls = train.train_step, []
+
+    def overflowing(model, opt, x, y, **kw):  # the real step; then, at epoch 1's last step, an infinite weight
+        result = real(model, opt, x, y, **kw)
+        calls.append(1)
+        if len(calls) == 6:
+            opt.param_groups[0]["params"][0].data[0] = float("inf")
+        return result
+    monkeypatch.setattr(train, "train_step", overflowing)
+    with pytest.raises(train.NonFiniteError, match="non-finite weights after epoch 1; .*nothing was saved"):
+        _run(tmp_path, "--epochs", "2")
+    assert not (tmp_path / "last.pt").exists() and not (tmp_path / "best.pt").exists()
+
+
+def test_long_steps_print_one_line_each_when_not_a_terminal(capsys):
+    assert list(progress.bar(range(3), "decoding", enabled=False)) == [0, 1, 2]
+    assert capsys.readouterr().err == "decoding (3)\n"
+    assert progress.duration(42) == "42 s" and progress.duration(600) == "10 min" and progress.duration(9000) == "2.5 h"
