@@ -325,3 +325,12 @@ def test_long_steps_print_one_line_each_when_not_a_terminal(capsys):
     assert list(progress.bar(range(3), "decoding", enabled=False)) == [0, 1, 2]
     assert capsys.readouterr().err == "decoding (3)\n"
     assert progress.duration(42) == "42 s" and progress.duration(600) == "10 min" and progress.duration(9000) == "2.5 h"
+
+
+def test_resume_may_move_the_decays_that_have_not_happened_yet(tmp_path):
+    flags = ["--train-fraction", "0.2", "--val-fraction", "0"]
+    _run(tmp_path / "whole", *flags, "--epochs", "5", "--milestones", "3", "4")
+    _run(tmp_path / "grown", *flags, "--epochs", "2", "--milestones", "3")
+    train.train(parse_config(["--resume", str(tmp_path / "grown"), "--epochs", "5", "--milestones", "3", "4"]))
+    lrs = [float(r["lr"]) for r in _metrics(tmp_path / "grown")]
+    assert lrs == [float(r["lr"]) for r in _metrics(tmp_path / "whole")] == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.001])
