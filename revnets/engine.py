@@ -46,7 +46,7 @@ import math
 import warnings
 import weakref
 from contextlib import contextmanager
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, ContextManager, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -190,7 +190,10 @@ class Replay:
 
     def __init__(self, blocks: Sequence[nn.Module], device: torch.device):
         self.device, self.autocast = device, _autocast_state(device.type)
-        self.blocks, self.settings = blocks, _settings(blocks)
+        distinct = dict.fromkeys(blocks)
+        modules = [m for block in distinct for m in block.modules()]
+        self.settings = _settings(distinct, modules)
+        self.norms = _tracking_norms(modules)  # the modes are replayed, so these are the backward's too
         self.rng: list | None = []
 
     def record(self, k: int) -> None:
@@ -219,7 +222,7 @@ class Replay:
 
     @contextmanager
     def __call__(self) -> Iterator[None]:
-        with torch.autocast(**self.autocast), _replayed(self.settings), _frozen_running_stats(self.blocks), \
+        with torch.autocast(**self.autocast), _replayed(self.settings), _frozen(self.norms), \
                 torch.random.fork_rng(_cuda_devices(self.device), enabled=self.rng is not None):
             yield
 
@@ -361,12 +364,12 @@ def _same_state(s: tuple, t: tuple) -> bool:
     return all(u is None or torch.equal(u, v) for u, v in zip(s, t))
 
 
-def _settings(blocks: Sequence[nn.Module]) -> list[tuple[nn.Module, str, object]]:
-    """(module, attribute, value) of what a recomputation reads besides tensors: every module's
-    training mode and each block's own number-valued attributes (h, ...)."""
-    distinct = dict.fromkeys(blocks)
-    modes = [(m, "training", m.training) for block in distinct for m in block.modules()]
-    numbers = [(block, k, v) for block in distinct for k, v in vars(block).items()
+def _settings(blocks, modules: list[nn.Module]) -> list[tuple[nn.Module, str, object]]:
+    """(module, attribute, value) of what a recomputation reads besides tensors: the training mode
+    of every module (`modules`: all of the blocks' submodules) and each block's own number-valued
+    attributes (h, ...)."""
+    modes = [(m, "training", m.training) for m in modules]
+    numbers = [(block, k, v) for block in blocks for k, v in vars(block).items()
                if k != "training" and isinstance(v, (int, float))]
     return modes + numbers
 
@@ -384,11 +387,17 @@ def _replayed(settings: list[tuple[nn.Module, str, object]]) -> Iterator[None]:
             setattr(m, k, now)
 
 
-@contextmanager
-def _frozen_running_stats(blocks: Sequence[nn.Module]) -> Iterator[None]:
+def _frozen_running_stats(blocks: Sequence[nn.Module]) -> ContextManager[None]:
     """Normalise recomputations with batch statistics without updating the running ones."""
-    norms = [m for block in dict.fromkeys(blocks) for m in block.modules()
-             if isinstance(m, _NORMS) and m.training and m.track_running_stats]
+    return _frozen(_tracking_norms([m for block in dict.fromkeys(blocks) for m in block.modules()]))
+
+
+def _tracking_norms(modules: list[nn.Module]) -> list[nn.Module]:
+    return [m for m in modules if isinstance(m, _NORMS) and m.training and m.track_running_stats]
+
+
+@contextmanager
+def _frozen(norms: list[nn.Module]) -> Iterator[None]:
     for m in norms:
         m.track_running_stats = False
     try:
