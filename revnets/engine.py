@@ -124,7 +124,7 @@ def segment_error(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor,
     with _frozen_running_stats(blocks), torch.random.fork_rng(_cuda_devices(a.device)):
         for start in range(0, len(blocks), k):
             steps = _steps(blocks[start:start + k], None)
-            replay = Replay(blocks[start:start + k], a.device)
+            replay = _Replay(blocks[start:start + k], a.device)
             out = replay.forward(steps, a, b)
             error = relative_error(_inverse(steps, *out, replay.seed), (a, b))
             worst = max(worst, math.inf if math.isnan(error) else error)
@@ -178,7 +178,7 @@ class AutoSegment:
         return self.choice.k if self.choice else None
 
 
-class Replay:
+class _Replay:
     """What a chain's recomputation must repeat of its forward: the autocast state, the training
     mode of every module, each block's number-valued attributes (h, ...) and the random-number
     state before every coupling (kept only when the forward drew random numbers).
@@ -212,13 +212,13 @@ class Replay:
 
     def forward(self, steps: Steps, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         """The float couplings on (a, b), recorded."""
-        a, b = run(steps, a, b, self.record)
+        a, b = _run(steps, a, b, self.record)
         self.done()
         return a, b
 
     def rerun(self, steps: Steps, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         """The float couplings on (a, b) with the recorded random numbers."""
-        return run(steps, a, b, self.seed)
+        return _run(steps, a, b, self.seed)
 
     @contextmanager
     def __call__(self) -> Iterator[None]:
@@ -227,7 +227,7 @@ class Replay:
             yield
 
 
-def run(steps: Steps, a: Tensor, b: Tensor, before: Callable[[int], None]) -> tuple[Tensor, Tensor]:
+def _run(steps: Steps, a: Tensor, b: Tensor, before: Callable[[int], None]) -> tuple[Tensor, Tensor]:
     """The couplings of `steps` on (a, b) in float, calling `before(k)` ahead of coupling k."""
     for k, (coupling, _) in enumerate(steps):
         before(k)
@@ -239,7 +239,7 @@ class _Reversible(torch.autograd.Function):
     @staticmethod
     def forward(ctx, blocks, layout, name, a, b, *params):
         ctx.steps, ctx.params, ctx.name, ctx.first = _steps(blocks, layout), params, name, blocks[0]
-        ctx.replay = Replay(blocks, a.device)
+        ctx.replay = _Replay(blocks, a.device)
         x, y = ctx.replay.forward(ctx.steps, a, b)
         ctx.save_for_backward(a, b, x, y, *params)  # unpacking checks the version counters
         return x, y
@@ -249,7 +249,7 @@ class _Reversible(torch.autograd.Function):
         a, b, x, y, *_ = ctx.saved_tensors  # raises if a parameter was modified in place since
         with ctx.replay():
             if torch.is_grad_enabled():  # create_graph=True
-                grads = recompute_backward(ctx.replay.rerun, ctx.steps, a, b, ctx.params, grad_x, grad_y)
+                grads = _recompute_backward(ctx.replay.rerun, ctx.steps, a, b, ctx.params, grad_x, grad_y)
             else:
                 grads = _reverse_backward(ctx, a, b, x, y, grad_x, grad_y)
         return None, None, None, *grads
@@ -272,8 +272,8 @@ def _reverse_backward(ctx, a0: Tensor, b0: Tensor, p: Tensor, q: Tensor, grad_x:
     return [grad_x, grad_y, *grads]
 
 
-def recompute_backward(run: Callable, steps: Steps, a: Tensor, b: Tensor, params, grad_x: Tensor,
-                       grad_y: Tensor) -> list:
+def _recompute_backward(run: Callable, steps: Steps, a: Tensor, b: Tensor, params, grad_x: Tensor,
+                        grad_y: Tensor) -> list:
     """Back-propagate (dL/dx, dL/dy) through a differentiable recomputation `run(steps, a, b)` of the
     chain from its kept input, so that the gradients have a graph (`create_graph=True`). Returns
     the gradients for (a, b, *params), None where one needs none."""
