@@ -334,3 +334,15 @@ def test_resume_may_move_the_decays_that_have_not_happened_yet(tmp_path):
     train.train(parse_config(["--resume", str(tmp_path / "grown"), "--epochs", "5", "--milestones", "3", "4"]))
     lrs = [float(r["lr"]) for r in _metrics(tmp_path / "grown")]
     assert lrs == [float(r["lr"]) for r in _metrics(tmp_path / "whole")] == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.001])
+
+
+def test_a_run_saved_before_validation_splits_existed_resumes_without_one(tmp_path):
+    with pytest.raises(Killed):
+        _run(tmp_path, "--epochs", "2", "--val-fraction", "0", on_epoch=_kill_after(1))
+    config = json.loads((tmp_path / "config.json").read_text())  # as an older revnets wrote it: no
+    old = {k: v for k, v in config.items() if k not in ("val_fraction", "init_from")}  # val_fraction, init_from
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    ckpt = checkpoint.load(tmp_path / "last.pt")
+    ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k not in ("val_fraction", "init_from")}
+    checkpoint.save(tmp_path / "last.pt", ckpt)
+    assert train.train(parse_config(["--resume", str(tmp_path)]))["best_on"] == "test"
