@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import exact as fixed_point
-from .engine import _frozen_running_stats, invert, relative_error, sequential
+from .engine import _cuda_devices, _frozen_running_stats, relative_error, segment_error
 from .networks import ReversibleUnit
 
 
@@ -28,8 +28,10 @@ def reversal_error(model: nn.Module, x: Tensor) -> dict[str, float]:
     `model`: a `Network`, a `ReversibleStack` or any module holding `ReversibleUnit`s; `x` its
     input. Returns {"unit0": e0, ...}, keyed by the unit's place among the model's reversible units
     (`model.modules()` order: for a `Network`, its index in `model.units`; non-reversible units, as
-    in ResNet, have no key). Runs the model in its current mode (train mode normalises with batch
-    statistics) without updating BatchNorm running statistics, and without building a graph.
+    in ResNet, have no key); `engine.segment_error` of each chain, so random numbers are replayed as
+    in the backward. Runs the model in its current mode (train mode normalises with batch
+    statistics) without updating BatchNorm running statistics, without building a graph and
+    without moving the caller's random-number stream.
     """
     units = [m for m in model.modules() if isinstance(m, ReversibleUnit)]
     errors = {}
@@ -38,7 +40,7 @@ def reversal_error(model: nn.Module, x: Tensor) -> dict[str, float]:
         errors[f"unit{units.index(unit)}"] = _unit_error(unit, args[0])
     hooks = [unit.register_forward_pre_hook(measure) for unit in units]
     try:
-        with _frozen_running_stats([model]):
+        with _frozen_running_stats([model]), torch.random.fork_rng(_cuda_devices(x.device)):
             model(x)
     finally:
         for hook in hooks:
@@ -53,8 +55,7 @@ def _unit_error(unit: ReversibleUnit, x: Tensor) -> float:
         q = fixed_point.quantize(a), fixed_point.quantize(b)
         q_out = fixed_point.forward_int(unit.blocks, *q, a.dtype)
         return relative_error(fixed_point.invert_int(unit.blocks, *q_out, a.dtype), q)
-    out = sequential(unit.blocks, a, b)
-    return relative_error(invert(unit.blocks, *out), (a, b))
+    return segment_error(unit.blocks, a, b)
 
 
 class DriftMonitor:

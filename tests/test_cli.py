@@ -69,3 +69,19 @@ def test_import_of_a_missing_module_is_one_line_and_exit_code_2(capsys):
         main(["--import", "no_such_module_xyz", "models"])
     assert end.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
         "revnets: error: --import no_such_module_xyz: ModuleNotFoundError: No module named 'no_such_module_xyz'"]
+
+def test_library_modules_import_no_command_module():
+    """Data flows one way: cli -> commands -> library; the library never imports a command module."""
+    library = ["config", "rundir", "files", "loop", "train", "data", "checkpoint", "progress", "engine", "networks"]
+    commands = ["cli", "evaluate", "plot", "report", "reproduce", "zoo"]
+    code = (f"import sys; import {', '.join('revnets.' + m for m in library)}; "
+            f"print([m for m in {commands} if 'revnets.' + m in sys.modules])")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("script", ["defaults.py", "drift.py"])
+def test_benchmarks_train_through_the_library_step(script):
+    source = (ROOT / "benchmarks" / script).read_text()
+    assert "train_step(" in source and "opt.step()" not in source
