@@ -47,24 +47,31 @@ class Dataset:
     padding: int
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = False) -> Dataset:
-    """Read `name` (one of DATASETS) from `data_dir` (default ./data); `download` fetches CIFAR archives."""
+def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = False,
+                 train: bool = True) -> Dataset:
+    """Read `name` (one of DATASETS) from `data_dir` (default ./data); `download` fetches CIFAR archives.
+
+    train=False reads the test split only (the training split is then empty): what evaluating a
+    model that stores its standardisation needs.
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     if name == "digits":
-        return _digits()
+        return _digits(train)
     if name == "folder" and data_dir is None:
         raise ValueError("the folder dataset needs a data directory (ROOT/train/<class>/*.png|jpg, ROOT/test/...)")
     root = Path("data" if data_dir is None else data_dir).expanduser()
     if name == "folder":
-        return _folder(root)
+        return _folder(root, train)
     if name == "stl10":
-        return _stl10(root)
-    return _cifar(name, root, download)
+        return _stl10(root, train)
+    return _cifar(name, root, download, train)
 
 
 def _dataset(name, train, test, classes, padding) -> Dataset:
-    (train_x, train_y), (test_x, test_y) = train, test
+    """A Dataset of (x, y) numpy pairs; train=None gives an empty training split (test's image shape)."""
+    (test_x, test_y) = test
+    train_x, train_y = train if train is not None else (test_x[:0], test_y[:0])
     return Dataset(name, torch.from_numpy(np.ascontiguousarray(train_x)), torch.as_tensor(train_y, dtype=torch.int64),
                    torch.from_numpy(np.ascontiguousarray(test_x)), torch.as_tensor(test_y, dtype=torch.int64),
                    list(classes), padding)
@@ -88,8 +95,9 @@ def _unpickle(raw: bytes) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
 
 
-def _cifar(name: str, root: Path, download: bool) -> Dataset:
+def _cifar(name: str, root: Path, download: bool, train: bool = True) -> Dataset:
     archive, folder, train_members, test_member, meta_member, label_key, names_key, md5 = CIFAR[name]
+    train_members = train_members if train else []
     members = [*train_members, test_member, meta_member]
     if (root / folder).is_dir():
         raw = {m: (root / folder / m).read_bytes() for m in members}
@@ -113,7 +121,7 @@ def _cifar(name: str, root: Path, download: bool) -> Dataset:
         x = np.concatenate([batches[m]["data"] for m in names]).reshape(-1, 3, 32, 32)
         return x, np.concatenate([batches[m][label_key] for m in names])
     classes = [c.decode() if isinstance(c, bytes) else c for c in batches[meta_member][names_key]]
-    return _dataset(name, split(train_members), split([test_member]), classes, padding=4)
+    return _dataset(name, split(train_members) if train else None, split([test_member]), classes, padding=4)
 
 
 def _download(url: str, path: Path, md5: str) -> None:
@@ -135,7 +143,7 @@ def _download(url: str, path: Path, md5: str) -> None:
 
 # ---- STL-10: stl10_binary ----
 
-def _stl10(root: Path) -> Dataset:
+def _stl10(root: Path, train: bool = True) -> Dataset:
     folder = root / "stl10_binary"
     missing = [f for f in STL10_FILES if not (folder / f).is_file()]
     if missing:
@@ -146,12 +154,12 @@ def _stl10(root: Path) -> Dataset:
         x = np.fromfile(folder / f"{prefix}_X.bin", np.uint8).reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
         return x, np.fromfile(folder / f"{prefix}_y.bin", np.uint8).astype(np.int64) - 1  # labels 1..10
     classes = (folder / "class_names.txt").read_text().split()
-    return _dataset("stl10", split("train"), split("test"), classes, padding=12)
+    return _dataset("stl10", split("train") if train else None, split("test"), classes, padding=12)
 
 
 # ---- image folders: ROOT/{train,test}/<class>/*.png|jpg, decoded once into a cached .npz ----
 
-def _folder(root: Path) -> Dataset:
+def _folder(root: Path, train: bool = True) -> Dataset:
     if not (root / "train").is_dir():
         raise FileNotFoundError(f"{root / 'train'} not found: expected ROOT/train/<class>/*.png|jpg and "
                                 f"ROOT/test/<class>/... with ROOT = {root}")
@@ -160,7 +168,8 @@ def _folder(root: Path) -> Dataset:
     key = hashlib.sha1(repr((classes, files)).encode()).hexdigest()  # names, labels, mtimes and sizes
     caches = [root / ".revnets-cache.npz", Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
               / "revnets" / f"folder-{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]}.npz"]
-    arrays = next(filter(None, (_read_cache(cache, key) for cache in caches)), None)
+    splits = ("train", "test") if train else ("test",)
+    arrays = next(filter(None, (_read_cache(cache, key, splits) for cache in caches)), None)
     if arrays is None:
         arrays = _decode(root, files)
         for cache in caches:
@@ -169,15 +178,15 @@ def _folder(root: Path) -> Dataset:
                 break
             except OSError:  # a read-only root: use the user's cache directory
                 continue
-    return _dataset("folder", (arrays["train_x"], arrays["train_y"]), (arrays["test_x"], arrays["test_y"]),
-                    classes, padding=4)
+    return _dataset("folder", (arrays["train_x"], arrays["train_y"]) if train else None,
+                    (arrays["test_x"], arrays["test_y"]), classes, padding=4)
 
 
-def _read_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:
-    """The arrays cached at `path` if they were decoded from the files that `key` describes."""
+def _read_cache(path: Path, key: str, splits=("train", "test")) -> dict[str, np.ndarray] | None:
+    """The arrays of `splits` cached at `path` if they were decoded from the files that `key` describes."""
     try:
         with np.load(path) as z:
-            return {k: z[k] for k in ("train_x", "train_y", "test_x", "test_y")} if str(z["key"]) == key else None
+            return {f"{s}_{a}": z[f"{s}_{a}"] for s in splits for a in "xy"} if str(z["key"]) == key else None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # absent, or not written by this version
         return None
 
@@ -207,14 +216,11 @@ def _image_files(root: Path, split: str, classes: list[str]) -> list[tuple[str, 
 
 def _decode(root: Path, files: dict[str, list[tuple[str, int, int, int]]]) -> dict[str, np.ndarray]:
     """Decode every image; grey (1 channel) if all images are grey, else RGB (grey ones replicated)."""
-    from PIL import Image
     pixels = {}
     for split, items in files.items():
         pixels[split] = []
         for name, *_ in items:
-            with Image.open(root / name) as im:
-                mode = "L" if im.mode in GREY_MODES else "RGB"
-                pixels[split].append(np.asarray(im if im.mode == mode else im.convert(mode)))
+            pixels[split].append(read_image(root / name))
             (h, w), (h0, w0) = pixels[split][-1].shape[:2], pixels[split][0].shape[:2]
             if (h, w) != (h0, w0):
                 raise ValueError(f"{root / name} is {w}x{h} but {root / items[0][0]} is {w0}x{h0}: every image "
@@ -228,9 +234,21 @@ def _decode(root: Path, files: dict[str, list[tuple[str, int, int, int]]]) -> di
     return arrays
 
 
+def read_image(path: str | Path) -> np.ndarray:
+    """A PNG or JPEG file as uint8 pixels, (H, W) for grey modes (GREY_MODES), else (H, W, 3) RGB;
+    ValueError naming the file if it cannot be decoded."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            mode = "L" if im.mode in GREY_MODES else "RGB"
+            return np.asarray(im if im.mode == mode else im.convert(mode))
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unknown, truncated, corrupt files
+        raise ValueError(f"{path} is not a readable image ({e})") from None
+
+
 # ---- scikit-learn's 8x8 digits ----
 
-def _digits() -> Dataset:
+def _digits(train: bool = True) -> Dataset:
     """1,797 grey 8x8 digits scaled to 0..255, with a fixed stratified 1,437/360 train/test split."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -238,7 +256,8 @@ def _digits() -> Dataset:
     x = np.round(digits.images * (255 / 16)).astype(np.uint8)[:, None]
     train_x, test_x, train_y, test_y = train_test_split(x, digits.target, test_size=360, stratify=digits.target,
                                                         random_state=0)
-    return _dataset("digits", (train_x, train_y), (test_x, test_y), [str(d) for d in range(10)], padding=1)
+    return _dataset("digits", (train_x, train_y) if train else None, (test_x, test_y), [str(d) for d in range(10)],
+                    padding=1)
 
 
 # ---- subsets, statistics, loader ----
