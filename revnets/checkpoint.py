@@ -3,6 +3,7 @@
 A checkpoint is a dict of tensors and plain Python values:
 
     {"model": state_dict, "config": dict of train.Config, "epoch": completed epochs,
+     "meta": what inference needs (classes, input size, standardisation: `inference.metadata`),
      and, to resume: "optimizer", "scheduler", "rng", "best_acc" (and "scaler" with fp16)}
 
 `save` writes a temporary file next to the target, fsyncs it and renames it over the target, so a

@@ -1,8 +1,10 @@
 """`revnets eval`: test loss and accuracy of a saved checkpoint on a dataset's test split.
 
-Test images are standardised as the run standardised them: with the channel statistics of its
-training split (reduced to the run's stratified subset under --train-fraction). Checkpoints do not
-store these statistics, so the training split must be present where the test split is read.
+The dataset is the run's (its config names it and its data directory) unless --dataset or
+--data-dir say otherwise. Test images are standardised as the run standardised them, with the
+statistics its checkpoint stores (`inference.metadata`), so only the test split is read. A
+checkpoint saved before checkpoints stored them gets them recomputed from the dataset's training
+split (reduced to the run's stratified subset under --train-fraction), as `inference.training_stats`.
 """
 import argparse
 import contextlib
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, data
+from . import checkpoint, data, inference
 from .cli import positive_int
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -55,9 +57,9 @@ def autocast(device: torch.device, amp: str):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
-def check_compatible(model: nn.Module, ds: data.Dataset, checkpoint_path: str) -> None:
+def check_compatible(model: inference.Classifier, ds: data.Dataset, checkpoint_path: str) -> None:
     """ValueError unless the model's input channels and classes match the dataset's."""
-    model_shape = (model.in_channels, model.head.out_features)
+    model_shape = (model.in_channels, len(model.classes))
     data_shape = (ds.test_x.shape[1], len(ds.classes))
     if model_shape != data_shape:
         raise ValueError(f"{checkpoint_path} holds a model for {model_shape[0]}-channel images and "
@@ -65,23 +67,27 @@ def check_compatible(model: nn.Module, ds: data.Dataset, checkpoint_path: str) -
                          f"{data_shape[1]} classes")
 
 
-def training_stats(ds: data.Dataset, config: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std), each (C,), of the training images a run with `config` standardised with: the whole
-    training split, or its seeded stratified subset when evaluating on the run's own dataset."""
-    if ds.name == config.get("dataset"):
-        ds = data.subsample(ds, config.get("train_fraction", 1.0), config.get("seed", 0))
-    return data.channel_stats(ds.train_x)
+def dataset_of(args: argparse.Namespace, config: dict, test_only: bool) -> data.Dataset:
+    """The dataset to evaluate on: --dataset and --data-dir where given, else the run's (`config`)."""
+    name = args.dataset or config.get("dataset")
+    if name is None:
+        raise ValueError(f"{args.checkpoint} names no dataset; pass --dataset")
+    data_dir = args.data_dir or (config.get("data_dir") if name == config.get("dataset") else None)
+    return data.load_dataset(name, data_dir, train=not test_only)
 
 
 def run(args: argparse.Namespace) -> int:
     device = _device(args.device)
-    model, config = checkpoint.load_model(args.checkpoint, device=device)
-    ds = data.load_dataset(args.dataset, args.data_dir)
+    ckpt = checkpoint.load(args.checkpoint)
+    config = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
+    ds = dataset_of(args, config, test_only="meta" in ckpt)
+    model = inference.from_checkpoint(ckpt, args.checkpoint, ds).to(device)
     check_compatible(model, ds, args.checkpoint)
-    mean, std = training_stats(ds, config)
-    loader = data.Loader(ds.test_x, ds.test_y, args.batch_size, mean=mean, std=std, device=device, train=False)
+    channels = ds.test_x.shape[1]  # the model standardises: batches are pixels / 255
+    loader = data.Loader(ds.test_x, ds.test_y, args.batch_size, mean=torch.zeros(channels), std=torch.ones(channels),
+                         device=device, train=False)
     result = evaluate(model, loader, args.amp)
-    print(f"{config['model']} on {ds.name} test ({result['images']} images): "
+    print(f"{config.get('model', 'model')} on {ds.name} test ({result['images']} images): "
           f"loss {result['loss']:.4f}  accuracy {100 * result['acc']:.2f}%")
     return 0
 
@@ -100,10 +106,11 @@ def _device(name: str | None) -> torch.device:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="test loss and accuracy of a checkpoint",
                               description="Evaluate a checkpoint (last.pt or best.pt of a run) on a dataset's "
-                                          "test split, standardised with its training split's channel statistics.")
+                                          "test split (default: the run's), standardised as the run did.")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a .pt file written by `revnets train`")
-    p.add_argument("--dataset", required=True, choices=data.DATASETS)
-    p.add_argument("--data-dir", default=None, help="where the dataset lives (see `revnets train --help`)")
+    p.add_argument("--dataset", default=None, choices=data.DATASETS, help="default: the run's dataset")
+    p.add_argument("--data-dir", default=None, help="where the dataset lives (default: the run's when --dataset "
+                                                    "is the run's; see `revnets train --help`)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--batch-size", type=positive_int, default=1000)
     p.add_argument("--amp", choices=list(AMP_DTYPES), default="off", help="autocast precision on the device")

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__, checkpoint, data
+from . import __version__, checkpoint, data, inference
 from .evaluate import AMP_DTYPES, autocast, totals
 from .networks import MODELS, NORMS, STABLE_SCHEMES
 from .progress import FIELDS, EpochBar, MetricsCSV, epoch_line, tensorboard_writer
@@ -240,9 +240,10 @@ def load_data(config: Config) -> data.Dataset:
                           config.train_fraction, config.seed)
 
 
-def loaders(config: Config, ds: data.Dataset, device: torch.device, rank: int = 0, world: int = 1):
-    """(train, test) Loaders; both standardise with the training split's channel statistics."""
-    mean, std = data.channel_stats(ds.train_x)
+def loaders(config: Config, ds: data.Dataset, device: torch.device, rank: int = 0, world: int = 1, stats=None):
+    """(train, test) Loaders; both standardise with `stats` = (mean, std), by default the training
+    split's channel statistics."""
+    mean, std = stats if stats is not None else data.channel_stats(ds.train_x)
     common = dict(mean=mean, std=std, device=device, seed=config.seed, rank=rank, world_size=world)
     return (data.Loader(ds.train_x, ds.train_y, config.batch_size, train=True, padding=ds.padding, **common),
             data.Loader(ds.test_x, ds.test_y, config.batch_size, train=False, **common))
@@ -306,7 +307,8 @@ class Run:
         self.out = Path(config.out)
         ckpt = self._resume_checkpoint()
         self.ds = load_data(config)
-        self.train_loader, self.test_loader = loaders(config, self.ds, self.device, self.rank, self.world)
+        self.stats = data.channel_stats(self.ds.train_x)  # stored in every checkpoint (inference.metadata)
+        self.train_loader, self.test_loader = loaders(config, self.ds, self.device, self.rank, self.world, self.stats)
         self.start, self.best_acc, self.best_epoch, self.wall = 0, -1.0, 0, 0.0
         grown = checkpoint.growths(asdict(config), ckpt["epoch"]) if ckpt else 0
         self.net = make_model(config, self.ds, self.device, grown)
@@ -369,7 +371,8 @@ class Run:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         state = dict(model=self.net.state_dict(), config=asdict(self.config), epoch=epoch,
                      optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), rng=rng,
-                     best_acc=self.best_acc, best_epoch=self.best_epoch, wall_s=self.wall)
+                     best_acc=self.best_acc, best_epoch=self.best_epoch, wall_s=self.wall,
+                     meta=inference.metadata(asdict(self.config), self.ds, self.stats, epoch))
         if self.config.amp == "fp16":
             state["scaler"] = self.scaler.state_dict()
         return state

@@ -9,7 +9,8 @@ from PIL import Image
 import revnets
 from revnets import checkpoint, data
 from revnets.cli import main
-from revnets.evaluate import evaluate, training_stats
+from revnets.evaluate import evaluate
+from revnets.inference import training_stats
 from revnets.train import Config, train
 from revnets.networks import MODELS, PAPER_PARAMS
 from revnets.plot import plot_runs, read_metrics, save_png
