@@ -77,7 +77,7 @@ def dataset_of(args: argparse.Namespace, config: dict, test_only: bool) -> data.
 
 
 def run(args: argparse.Namespace) -> int:
-    device = _device(args.device)
+    device = torch_device(args.device)
     ckpt = checkpoint.load(args.checkpoint)
     config = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
     ds = dataset_of(args, config, test_only="meta" in ckpt)
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device(name: str | None) -> torch.device:
+def torch_device(name: str | None) -> torch.device:
     """The named torch device (default: cuda when available, else cpu); ValueError if unusable here."""
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))

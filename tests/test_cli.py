@@ -20,7 +20,7 @@ def test_output_into_a_closed_pipe_ends_quietly(monkeypatch):
 
 def test_help_lists_every_command():
     done = subprocess.run([sys.executable, "-m", "revnets.cli", "--help"], capture_output=True, text=True)
-    for command in ("train", "eval", "models", "plot", "analyze", "reproduce"):
+    for command in ("train", "eval", "predict", "models", "plot", "analyze", "reproduce"):
         assert command in done.stdout
 
 

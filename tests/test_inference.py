@@ -76,6 +76,63 @@ def test_load_gives_an_eval_model_of_unit_range_images(run):
         model((x * 255).to(torch.uint8))
 
 
+def test_predict_prints_path_class_probability_as_load_computes(run, capsys):
+    run_dir, images, _ = run
+    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), str(images / "test")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    files = sorted((images / "test").rglob("*.png"))
+    with torch.no_grad():
+        probs = revnets.load(run_dir / "best.pt")(_pixels(files).float()).softmax(1)
+    assert [line.split("\t")[0] for line in lines] == [str(f) for f in files]
+    for line, p in zip(lines, probs):
+        path, name, prob = line.split("\t")
+        assert name == CLASSES[p.argmax()] and float(prob) == pytest.approx(p.max().item(), abs=1e-4)
+
+
+def test_predict_topk_json(run, capsys):
+    run_dir, images, _ = run
+    file = images / "test" / "red" / "0.png"
+    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--topk", "3", "--json", str(file)]) == 0
+    [result] = json.loads(capsys.readouterr().out)
+    with torch.no_grad():
+        probs = revnets.load(run_dir / "best.pt")(_pixels([file]).float()).softmax(1)[0]
+    assert result["path"] == str(file)
+    assert [p["class"] for p in result["predictions"]] == [CLASSES[i] for i in probs.argsort(descending=True)]
+    assert [p["probability"] for p in result["predictions"]] == pytest.approx(probs.sort(descending=True).values.tolist())
+
+
+def test_predict_converts_grey_and_resizes_other_sizes_with_a_note(run, tmp_path, capsys):
+    run_dir, images, _ = run
+    grey = np.full((16, 16), 200, np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), str(tmp_path / "grey.png")]) == 0
+    out, err = capsys.readouterr()
+    with torch.no_grad():
+        p = revnets.load(run_dir / "best.pt")(torch.full((1, 3, 8, 8), 200 / 255)).softmax(1)[0]
+    assert out.split("\t")[1] == CLASSES[p.argmax()] and float(out.split("\t")[2]) == pytest.approx(p.max().item(), abs=1e-4)
+    assert "grey.png resized to the training size 8x8" in err
+
+
+@pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n truncated", b"not an image"])
+def test_predict_bad_file_is_one_line_naming_it_and_exit_2(run, tmp_path, capsys, content):
+    run_dir, images, _ = run
+    (tmp_path / "bad.png").write_bytes(content)
+    good = images / "test" / "red" / "0.png"
+    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), str(good), str(tmp_path / "bad.png")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "\n" not in err.strip() and "bad.png" in err
+
+
+@pytest.mark.parametrize("argv, expected", [(["--topk", "4", "{good}"], "exceeds the model's 3 classes"),
+                                            (["{tmp}/missing.png"], "missing.png does not exist"),
+                                            (["{tmp}"], "holds no .png/.jpg/.jpeg images")])
+def test_predict_bad_arguments_exit_2_with_one_line(run, tmp_path, capsys, argv, expected):
+    run_dir, images, _ = run
+    argv = [a.format(good=images / "test" / "red" / "0.png", tmp=tmp_path) for a in argv]
+    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "\n" not in err.strip() and expected in err
+
 def test_eval_needs_no_dataset_flags_and_reads_no_training_split(run, capsys, monkeypatch):
     run_dir, _, summary = run
     monkeypatch.setattr(data, "channel_stats", None)  # statistics come from the checkpoint
