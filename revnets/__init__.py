@@ -1,4 +1,6 @@
 """revnets: stable reversible residual networks (Chang et al., AAAI 2018) in PyTorch."""
+__version__ = "0.1.0"  # before the imports: config (imported by inference) records it
+
 from .blocks import (AdditiveCoupling, BasicBlock, Coupling, HamiltonianBlock, LeapfrogBlock, MidPointBlock,
                      ReversibleBlock, RevNetBlock)
 from .networks import MODELS, Network, build_model, list_models
@@ -9,7 +11,6 @@ from .multilevel import grow
 from .inference import Classifier, load
 from . import exact
 
-__version__ = "0.1.0"
 __all__ = ["AdditiveCoupling", "BasicBlock", "Coupling", "HamiltonianBlock", "LeapfrogBlock", "MidPointBlock",
            "ReversibleBlock", "RevNetBlock", "MODELS", "Network", "build_model", "list_models",
            "smoothness_penalty", "invert", "reversible", "sequential", "DriftMonitor", "reversal_error", "grow",

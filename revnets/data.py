@@ -1,12 +1,18 @@
 """Datasets from their standard formats, class-stratified subsets, and a GPU-resident loader.
 
-Every reader returns uint8 images (N, C, H, W) and int64 labels (N,) on the CPU. `Loader` moves a
-split to the device once and augments there as in the paper (Section 4): zero padding (4 pixels,
-12 for STL-10), random crop, random horizontal flip, per-channel standardisation.
+Every reader returns uint8 images (N, C, H, W) and int64 labels (N,) on the CPU; train and test
+images must share their size and channels. `Loader` moves a split to the device once and augments
+there as in the paper (Section 4): zero padding (4 pixels, 12 for STL-10), random crop, random
+horizontal flip, per-channel standardisation.
+
+An image folder is decoded once (PNG and JPEG through Pillow; 16-bit images scaled to 8 bits, not
+clipped; a file that does not decode is refused, naming it) into a cache in `cache_dir()`, keyed
+by the folder's path, file names, sizes and modification times.
 """
 import hashlib
 import io
 import os
+import sys
 import pickle
 import tarfile
 import urllib.error
@@ -20,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpoint import atomic_write
+from .files import atomic_write
+from .progress import bar
 
 DATASETS = ("cifar10", "cifar100", "stl10", "folder", "digits")
 CIFAR = {  # name: (archive, extracted dir, train members, test member, meta member, label key, names key, MD5)
@@ -32,12 +39,14 @@ CIFAR = {  # name: (archive, extracted dir, train members, test member, meta mem
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
 STL10_FILES = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "class_names.txt")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L")  # 16 bits per pixel (Pillow reads 16-bit PNGs as these)
 
 
 @dataclass
 class Dataset:
-    """Images (N, C, H, W) uint8 and labels (N,) int64 of both splits; `padding` is the crop padding."""
+    """Images (N, C, H, W) uint8 and labels (N,) int64 of both splits; `padding` is the crop padding.
+    `val_x`, `val_y`: the validation images held out of the training split by `subsample`, if any."""
     name: str
     train_x: Tensor
     train_y: Tensor
@@ -45,6 +54,8 @@ class Dataset:
     test_y: Tensor
     classes: list[str]
     padding: int
+    val_x: Tensor | None = None
+    val_y: Tensor | None = None
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = False,
@@ -72,6 +83,9 @@ def _dataset(name, train, test, classes, padding) -> Dataset:
     """A Dataset of (x, y) numpy pairs; train=None gives an empty training split (test's image shape)."""
     (test_x, test_y) = test
     train_x, train_y = train if train is not None else (test_x[:0], test_y[:0])
+    if train_x.shape[1:] != test_x.shape[1:]:
+        raise ValueError(f"{name}: training images are {_shape(train_x)} but test images {_shape(test_x)}; "
+                         "both splits must share size and channels")
     return Dataset(name, torch.from_numpy(np.ascontiguousarray(train_x)), torch.as_tensor(train_y, dtype=torch.int64),
                    torch.from_numpy(np.ascontiguousarray(test_x)), torch.as_tensor(test_y, dtype=torch.int64),
                    list(classes), padding)
@@ -124,6 +138,10 @@ def _cifar(name: str, root: Path, download: bool, train: bool = True) -> Dataset
     return _dataset(name, split(train_members) if train else None, split([test_member]), classes, padding=4)
 
 
+def _shape(x: np.ndarray) -> str:
+    return f"{x.shape[3]}x{x.shape[2]} with {x.shape[1]} channel{'s' if x.shape[1] > 1 else ''}"
+
+
 def _download(url: str, path: Path, md5: str) -> None:
     """Fetch `url` to `path` atomically; ValueError if its MD5 is not `md5`."""
     digest = hashlib.md5()
@@ -159,25 +177,32 @@ def _stl10(root: Path, train: bool = True) -> Dataset:
 
 # ---- image folders: ROOT/{train,test}/<class>/*.png|jpg, decoded once into a cached .npz ----
 
+def cache_dir() -> Path:
+    """Where decoded image folders are cached: $REVNETS_CACHE, else $XDG_CACHE_HOME/revnets, else
+    ~/.cache/revnets."""
+    if os.environ.get("REVNETS_CACHE"):
+        return Path(os.environ["REVNETS_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "revnets"
+
+
 def _folder(root: Path, train: bool = True) -> Dataset:
     if not (root / "train").is_dir():
         raise FileNotFoundError(f"{root / 'train'} not found: expected ROOT/train/<class>/*.png|jpg and "
                                 f"ROOT/test/<class>/... with ROOT = {root}")
     classes = _class_dirs(root / "train")
     files = {split: _image_files(root, split, classes) for split in ("train", "test")}
-    key = hashlib.sha1(repr((classes, files)).encode()).hexdigest()  # names, labels, mtimes and sizes
-    caches = [root / ".revnets-cache.npz", Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
-              / "revnets" / f"folder-{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]}.npz"]
-    splits = ("train", "test") if train else ("test",)
-    arrays = next(filter(None, (_read_cache(cache, key, splits) for cache in caches)), None)
+    key = hashlib.sha1(repr((str(root.resolve()), classes, files)).encode()).hexdigest()  # path, names, mtimes, sizes
+    cache = cache_dir() / f"folder-{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]}.npz"
+    arrays = _read_cache(cache, key, ("train", "test") if train else ("test",))
     if arrays is None:
         arrays = _decode(root, files)
-        for cache in caches:
-            try:
-                atomic_write(cache, lambda f: np.savez(f, key=np.array(key), **arrays))
-                break
-            except OSError:  # a read-only root: use the user's cache directory
-                continue
+        try:
+            atomic_write(cache, lambda f: np.savez(f, key=np.array(key), **arrays))
+            print(f"cached the decoded images of {root} in {cache} (set REVNETS_CACHE to move it)",
+                  file=sys.stderr, flush=True)
+        except OSError as e:  # an unwritable cache costs only the decoding next time
+            print(f"warning: cannot cache the decoded images in {cache} ({e.strerror}); set REVNETS_CACHE",
+                  file=sys.stderr, flush=True)
     return _dataset("folder", (arrays["train_x"], arrays["train_y"]) if train else None,
                     (arrays["test_x"], arrays["test_y"]), classes, padding=4)
 
@@ -208,6 +233,8 @@ def _image_files(root: Path, split: str, classes: list[str]) -> list[tuple[str, 
         if (root / split / c).is_dir():
             with os.scandir(root / split / c) as entries:  # os.scandir: 60,000 files listed in well under 1 s
                 images = sorted((e for e in entries if e.name.lower().endswith(IMAGE_SUFFIXES)), key=lambda e: e.name)
+            if split == "train" and not images:
+                raise ValueError(f"{root / split / c} holds no .png/.jpg images: a class needs training images")
             files += [(f"{split}/{c}/{e.name}", label, e.stat().st_mtime_ns, e.stat().st_size) for e in images]
     if not files:
         raise FileNotFoundError(f"no .png/.jpg images in {root / split}/<class>/")
@@ -218,10 +245,10 @@ def _decode(root: Path, files: dict[str, list[tuple[str, int, int, int]]]) -> di
     """Decode every image; grey (1 channel) if all images are grey, else RGB (grey ones replicated)."""
     pixels = {}
     for split, items in files.items():
-        pixels[split] = []
-        for name, *_ in items:
-            pixels[split].append(read_image(root / name))
-            (h, w), (h0, w0) = pixels[split][-1].shape[:2], pixels[split][0].shape[:2]
+        pixels[split] = [read_image(root / name) for name, *_ in
+                         bar(items, f"decoding the {split} images of {root}")]
+        for (name, *_), a in zip(items, pixels[split]):
+            (h, w), (h0, w0) = a.shape[:2], pixels[split][0].shape[:2]
             if (h, w) != (h0, w0):
                 raise ValueError(f"{root / name} is {w}x{h} but {root / items[0][0]} is {w0}x{h0}: every image "
                                  f"of a split must have the same size")
@@ -235,15 +262,17 @@ def _decode(root: Path, files: dict[str, list[tuple[str, int, int, int]]]) -> di
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """A PNG or JPEG file as uint8 pixels, (H, W) for grey modes (GREY_MODES), else (H, W, 3) RGB;
-    ValueError naming the file if it cannot be decoded."""
+    """Pixels of one PNG or JPEG file, uint8 (H, W) grey or (H, W, 3) RGB (16-bit scaled to 8);
+    ValueError naming an unreadable file. Image folders and `revnets predict` decode with it."""
     from PIL import Image
     try:
         with Image.open(path) as im:
+            if im.mode in WIDE_MODES:  # 16-bit: scale 0..65535 to 0..255
+                return np.round(np.asarray(im, dtype=np.float64) * (255 / 65535)).clip(0, 255).astype(np.uint8)
             mode = "L" if im.mode in GREY_MODES else "RGB"
             return np.asarray(im if im.mode == mode else im.convert(mode))
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unknown, truncated, corrupt files
-        raise ValueError(f"{path} is not a readable image ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated, empty, not an image, ...
+        raise ValueError(f"{path} is not a readable image ({e}); delete or replace it") from None
 
 
 # ---- scikit-learn's 8x8 digits ----
@@ -283,8 +312,18 @@ def stratified_subset(labels: Tensor, fraction: float, seed: int) -> Tensor:
     return torch.cat(picks).sort().values
 
 
-def subsample(ds: Dataset, fraction: float, seed: int) -> Dataset:
-    """`ds` with its training split reduced to `stratified_subset(ds.train_y, fraction, seed)` (`ds` at 1)."""
+def subsample(ds: Dataset, fraction: float, seed: int, val_fraction: float = 0.0) -> Dataset:
+    """The splits a run uses: `val_fraction` of the training split held out as validation
+    (`stratified_subset` with `seed`; none at 0), then `stratified_subset(fraction, seed)` of the rest
+    kept for training (all of it at 1). ValueError when either would be empty."""
+    if val_fraction:
+        held = torch.zeros(len(ds.train_y), dtype=torch.bool)
+        held[stratified_subset(ds.train_y, val_fraction, seed)] = True
+        if held.all():
+            raise ValueError(f"{ds.name}: {len(ds.train_y)} training images are too few to hold out a validation "
+                             "split; pass --val-fraction 0")
+        ds = replace(ds, train_x=ds.train_x[~held], train_y=ds.train_y[~held], val_x=ds.train_x[held],
+                     val_y=ds.train_y[held])
     if fraction == 1:
         return ds
     idx = stratified_subset(ds.train_y, fraction, seed)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint, data
+from .config import growths, model_from_config
 
 NETWORK_KEYS = ("model", "units", "channels", "h", "norm", "segment", "exact", "plain")  # model_from_config's
 
@@ -51,16 +52,17 @@ def metadata(config: dict, ds: data.Dataset, stats: tuple[Tensor, Tensor], epoch
     settings) on `ds`, whose training split has the channel statistics `stats` = (mean, std)."""
     network = {k: config.get(k) for k in NETWORK_KEYS}
     mean, std = stats
-    return dict(network={**network, "grown": checkpoint.growths(config, epoch)}, classes=list(ds.classes),
+    return dict(network={**network, "grown": growths(config, epoch)}, classes=list(ds.classes),
                 in_channels=ds.train_x.shape[1], image_size=tuple(ds.train_x.shape[2:]),
                 mean=mean.float().cpu(), std=std.float().cpu())
 
 
 def training_stats(ds: data.Dataset, config: dict) -> tuple[Tensor, Tensor]:
     """(mean, std), each (C,), of the training images a run with `config` standardised with: the whole
-    training split, or its seeded stratified subset when evaluating on the run's own dataset."""
+    training split, or the run's own split of it (`data.subsample`) when evaluating on its dataset."""
     if ds.name == config.get("dataset"):
-        ds = data.subsample(ds, config.get("train_fraction", 1.0), config.get("seed", 0))
+        ds = data.subsample(ds, config.get("train_fraction", 1.0), config.get("seed", 0),
+                            config.get("val_fraction", 0.0))
     return data.channel_stats(ds.train_x)
 
 
@@ -78,8 +80,9 @@ def from_checkpoint(ckpt: dict, path: str | os.PathLike, ds: data.Dataset | None
     if meta is None:
         return _from_old_checkpoint(ckpt, path, ds)
     net_settings = meta["network"]
-    net = checkpoint.model_from_config(net_settings, len(meta["classes"]), meta["in_channels"], net_settings["grown"])
+    net = model_from_config(net_settings, len(meta["classes"]), meta["in_channels"], net_settings["grown"])
     checkpoint.load_state(net, ckpt["model"], path)
+    checkpoint.check_finite(ckpt["model"], path)
     return Classifier(net, meta["mean"], meta["std"], meta["classes"], meta["image_size"])
 
 

@@ -21,7 +21,7 @@ import torch
 
 from . import data, inference
 from .cli import positive_int
-from .evaluate import torch_device
+from .config import check_device
 
 
 def image_files(paths: list[str]) -> list[Path]:
@@ -65,7 +65,8 @@ def predict(model: inference.Classifier, images: torch.Tensor, topk: int, batch_
 
 
 def run(args: argparse.Namespace) -> int:
-    model = inference.load(args.checkpoint, torch_device(args.device))
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = inference.load(args.checkpoint, device)
     if args.topk > len(model.classes):
         raise ValueError(f"--topk {args.topk} exceeds the model's {len(model.classes)} classes")
     files = image_files(args.inputs)

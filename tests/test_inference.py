@@ -10,7 +10,8 @@ from PIL import Image
 import revnets
 from revnets import checkpoint, data
 from revnets.cli import main
-from revnets.train import Config, train
+from revnets.config import Config
+from revnets.train import train
 
 CLASSES = ["blue", "green", "red"]
 
@@ -43,12 +44,19 @@ def _pixels(files):
     return torch.from_numpy(np.stack([np.asarray(Image.open(f)) for f in files])).permute(0, 3, 1, 2).double() / 255
 
 
+def _training_stats(images):
+    """Float64 mean and std, (3,), of the images the run trained on: the folder's training split
+    without the validation images it held out (`data.subsample`, the run's default 10 %)."""
+    ds = data.subsample(data.load_dataset("folder", images), 1.0, 0, Config().val_fraction)
+    assert len(ds.train_y) < 24  # validation was held out
+    pixels = ds.train_x.double() / 255
+    return pixels.mean(dim=(0, 2, 3)), pixels.std(dim=(0, 2, 3), correction=0)
+
+
 def _reference(run_dir, x):
     """Logits of the checkpoint's bare network on x (N, 3, H, W) in [0, 1], standardised by hand in
-    float64 with the statistics of every training PNG."""
-    train_files = sorted((run_dir.parent / "images" / "train").rglob("*.png"))
-    pixels = _pixels(train_files)
-    mean, std = pixels.mean(dim=(0, 2, 3)), pixels.std(dim=(0, 2, 3), correction=0)
+    float64 with the training images' statistics."""
+    mean, std = _training_stats(run_dir.parent / "images")
     net, _ = checkpoint.load_model(run_dir / "best.pt")
     with torch.no_grad():
         return net.double()(((x.double() - mean[:, None, None]) / std[:, None, None]))
@@ -57,10 +65,10 @@ def _reference(run_dir, x):
 def test_checkpoint_holds_classes_input_size_and_standardisation(run):
     run_dir, images, _ = run
     meta = checkpoint.load(run_dir / "best.pt")["meta"]
-    pixels = _pixels(sorted((images / "train").rglob("*.png")))
+    mean, std = _training_stats(images)
     assert meta["classes"] == CLASSES and meta["in_channels"] == 3 and tuple(meta["image_size"]) == (8, 8)
-    torch.testing.assert_close(meta["mean"].double(), pixels.mean(dim=(0, 2, 3)), rtol=0, atol=1e-6)
-    torch.testing.assert_close(meta["std"].double(), pixels.std(dim=(0, 2, 3), correction=0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(meta["mean"].double(), mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(meta["std"].double(), std, rtol=0, atol=1e-6)
     assert meta["network"]["model"] == "hamiltonian-74" and tuple(meta["network"]["units"]) == (1, 1, 1)
 
 
