@@ -46,7 +46,7 @@ import math
 import warnings
 import weakref
 from contextlib import contextmanager
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, ContextManager, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -124,7 +124,7 @@ def segment_error(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor,
     with _frozen_running_stats(blocks), torch.random.fork_rng(_cuda_devices(a.device)):
         for start in range(0, len(blocks), k):
             steps = _steps(blocks[start:start + k], None)
-            replay = Replay(blocks[start:start + k], a.device)
+            replay = _Replay(blocks[start:start + k], a.device)
             out = replay.forward(steps, a, b)
             error = relative_error(_inverse(steps, *out, replay.seed), (a, b))
             worst = max(worst, math.inf if math.isnan(error) else error)
@@ -178,7 +178,7 @@ class AutoSegment:
         return self.choice.k if self.choice else None
 
 
-class Replay:
+class _Replay:
     """What a chain's recomputation must repeat of its forward: the autocast state, the training
     mode of every module, each block's number-valued attributes (h, ...) and the random-number
     state before every coupling (kept only when the forward drew random numbers).
@@ -190,7 +190,10 @@ class Replay:
 
     def __init__(self, blocks: Sequence[nn.Module], device: torch.device):
         self.device, self.autocast = device, _autocast_state(device.type)
-        self.blocks, self.settings = blocks, _settings(blocks)
+        distinct = dict.fromkeys(blocks)
+        modules = [m for block in distinct for m in block.modules()]
+        self.settings = _settings(distinct, modules)
+        self.norms = _tracking_norms(modules)  # the modes are replayed, so these are the backward's too
         self.rng: list | None = []
 
     def record(self, k: int) -> None:
@@ -209,22 +212,22 @@ class Replay:
 
     def forward(self, steps: Steps, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         """The float couplings on (a, b), recorded."""
-        a, b = run(steps, a, b, self.record)
+        a, b = _run(steps, a, b, self.record)
         self.done()
         return a, b
 
     def rerun(self, steps: Steps, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         """The float couplings on (a, b) with the recorded random numbers."""
-        return run(steps, a, b, self.seed)
+        return _run(steps, a, b, self.seed)
 
     @contextmanager
     def __call__(self) -> Iterator[None]:
-        with torch.autocast(**self.autocast), _replayed(self.settings), _frozen_running_stats(self.blocks), \
+        with torch.autocast(**self.autocast), _replayed(self.settings), _frozen(self.norms), \
                 torch.random.fork_rng(_cuda_devices(self.device), enabled=self.rng is not None):
             yield
 
 
-def run(steps: Steps, a: Tensor, b: Tensor, before: Callable[[int], None]) -> tuple[Tensor, Tensor]:
+def _run(steps: Steps, a: Tensor, b: Tensor, before: Callable[[int], None]) -> tuple[Tensor, Tensor]:
     """The couplings of `steps` on (a, b) in float, calling `before(k)` ahead of coupling k."""
     for k, (coupling, _) in enumerate(steps):
         before(k)
@@ -236,7 +239,7 @@ class _Reversible(torch.autograd.Function):
     @staticmethod
     def forward(ctx, blocks, layout, name, a, b, *params):
         ctx.steps, ctx.params, ctx.name, ctx.first = _steps(blocks, layout), params, name, blocks[0]
-        ctx.replay = Replay(blocks, a.device)
+        ctx.replay = _Replay(blocks, a.device)
         x, y = ctx.replay.forward(ctx.steps, a, b)
         ctx.save_for_backward(a, b, x, y, *params)  # unpacking checks the version counters
         return x, y
@@ -246,7 +249,7 @@ class _Reversible(torch.autograd.Function):
         a, b, x, y, *_ = ctx.saved_tensors  # raises if a parameter was modified in place since
         with ctx.replay():
             if torch.is_grad_enabled():  # create_graph=True
-                grads = recompute_backward(ctx.replay.rerun, ctx.steps, a, b, ctx.params, grad_x, grad_y)
+                grads = _recompute_backward(ctx.replay.rerun, ctx.steps, a, b, ctx.params, grad_x, grad_y)
             else:
                 grads = _reverse_backward(ctx, a, b, x, y, grad_x, grad_y)
         return None, None, None, *grads
@@ -269,8 +272,8 @@ def _reverse_backward(ctx, a0: Tensor, b0: Tensor, p: Tensor, q: Tensor, grad_x:
     return [grad_x, grad_y, *grads]
 
 
-def recompute_backward(run: Callable, steps: Steps, a: Tensor, b: Tensor, params, grad_x: Tensor,
-                       grad_y: Tensor) -> list:
+def _recompute_backward(run: Callable, steps: Steps, a: Tensor, b: Tensor, params, grad_x: Tensor,
+                        grad_y: Tensor) -> list:
     """Back-propagate (dL/dx, dL/dy) through a differentiable recomputation `run(steps, a, b)` of the
     chain from its kept input, so that the gradients have a graph (`create_graph=True`). Returns
     the gradients for (a, b, *params), None where one needs none."""
@@ -361,12 +364,12 @@ def _same_state(s: tuple, t: tuple) -> bool:
     return all(u is None or torch.equal(u, v) for u, v in zip(s, t))
 
 
-def _settings(blocks: Sequence[nn.Module]) -> list[tuple[nn.Module, str, object]]:
-    """(module, attribute, value) of what a recomputation reads besides tensors: every module's
-    training mode and each block's own number-valued attributes (h, ...)."""
-    distinct = dict.fromkeys(blocks)
-    modes = [(m, "training", m.training) for block in distinct for m in block.modules()]
-    numbers = [(block, k, v) for block in distinct for k, v in vars(block).items()
+def _settings(blocks, modules: list[nn.Module]) -> list[tuple[nn.Module, str, object]]:
+    """(module, attribute, value) of what a recomputation reads besides tensors: the training mode
+    of every module (`modules`: all of the blocks' submodules) and each block's own number-valued
+    attributes (h, ...)."""
+    modes = [(m, "training", m.training) for m in modules]
+    numbers = [(block, k, v) for block in blocks for k, v in vars(block).items()
                if k != "training" and isinstance(v, (int, float))]
     return modes + numbers
 
@@ -384,11 +387,17 @@ def _replayed(settings: list[tuple[nn.Module, str, object]]) -> Iterator[None]:
             setattr(m, k, now)
 
 
-@contextmanager
-def _frozen_running_stats(blocks: Sequence[nn.Module]) -> Iterator[None]:
+def _frozen_running_stats(blocks: Sequence[nn.Module]) -> ContextManager[None]:
     """Normalise recomputations with batch statistics without updating the running ones."""
-    norms = [m for block in dict.fromkeys(blocks) for m in block.modules()
-             if isinstance(m, _NORMS) and m.training and m.track_running_stats]
+    return _frozen(_tracking_norms([m for block in dict.fromkeys(blocks) for m in block.modules()]))
+
+
+def _tracking_norms(modules: list[nn.Module]) -> list[nn.Module]:
+    return [m for m in modules if isinstance(m, _NORMS) and m.training and m.track_running_stats]
+
+
+@contextmanager
+def _frozen(norms: list[nn.Module]) -> Iterator[None]:
     for m in norms:
         m.track_running_stats = False
     try:

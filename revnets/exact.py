@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .blocks import ReversibleBlock
-from .engine import Replay, Steps, _coupling_backward, _parameters, _steps, recompute_backward
+from .engine import Steps, _coupling_backward, _parameters, _recompute_backward, _Replay, _steps
 
 FRAC_BITS = 32
 
@@ -95,7 +95,7 @@ class _ExactReversible(torch.autograd.Function):
     @staticmethod
     def forward(ctx, blocks, layout, frac_bits, a, b, *params):
         ctx.steps, ctx.params, ctx.frac_bits, ctx.dtype = _steps(blocks, layout), params, frac_bits, a.dtype
-        ctx.replay = Replay(blocks, a.device)
+        ctx.replay = _Replay(blocks, a.device)
         qx, qy = _forward_int(ctx.steps, quantize(a, frac_bits), quantize(b, frac_bits), a.dtype, frac_bits,
                               ctx.replay.record)
         ctx.replay.done()
@@ -109,7 +109,7 @@ class _ExactReversible(torch.autograd.Function):
             if torch.is_grad_enabled():  # create_graph=True
                 def rerun(steps, a, b):
                     return _sequential(steps, a, b, ctx.frac_bits, ctx.replay.seed)
-                grads = recompute_backward(rerun, ctx.steps, a, b, ctx.params, grad_x, grad_y)
+                grads = _recompute_backward(rerun, ctx.steps, a, b, ctx.params, grad_x, grad_y)
             else:
                 grads = _reverse_backward(ctx, qp, qq, grad_x, grad_y)
         return None, None, None, *grads

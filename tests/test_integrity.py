@@ -169,3 +169,11 @@ def test_stable_chains_do_not_warn(name):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(torch.randn(4, 3, 8, 8))
         out.float().sum().backward()
+
+
+def test_the_reversal_error_of_a_random_chain_replays_its_noise():
+    blocks = _noisy_chain()
+    a, b = torch.randn(5, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    before = torch.get_rng_state()
+    assert revnets.engine.segment_error(blocks, a, b) < 1e-12
+    assert torch.equal(torch.get_rng_state(), before)  # a measurement leaves the stream alone
