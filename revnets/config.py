@@ -124,9 +124,8 @@ class Config:
             raise ValueError(f"--grow-at epochs must lie in [1, {self.epochs}); got {self.grow_at}")
         if self.data_dir is not None and not self.download and not Path(self.data_dir).is_dir():
             raise FileNotFoundError(f"--data-dir {self.data_dir} does not exist")
-        if self.init_from is not None and (self.resume is not None or not Path(self.init_from).is_file()):
-            raise ValueError(f"--init-from {self.init_from}: " + ("a resumed run has its own weights; drop one of "
-                             "--resume and --init-from" if self.resume else "no such checkpoint file"))
+        if self.init_from is not None and self.resume is None and not Path(self.init_from).is_file():
+            raise ValueError(f"--init-from {self.init_from}: no such checkpoint file")
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
@@ -291,7 +290,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if not (run / "last.pt").is_file() or not (run / "config.json").is_file():
         raise FileNotFoundError(f"--resume {run}: no last.pt and config.json there (not a run directory "
                                 "or killed before its first epoch)")
-    saved = Config.from_dict(json.loads((run / "config.json").read_text()))
+    saved = Config.from_dict({**json.loads((run / "config.json").read_text()), "resume": str(run)})
     given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items()}
     differ = [k for k, v in given.items() if k not in PLACE + GROWABLE and getattr(saved, k) != v]
     if "out" in given and Path(given["out"]).resolve() != run.resolve():

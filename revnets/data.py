@@ -196,10 +196,10 @@ def _folder(root: Path, train: bool = True) -> Dataset:
     arrays = _read_cache(cache, key, ("train", "test") if train else ("test",))
     if arrays is None:
         arrays = _decode(root, files)
+        print(f"caching the decoded images of {root} in {cache} (set REVNETS_CACHE to move it)",
+              file=sys.stderr, flush=True)
         try:
             atomic_write(cache, lambda f: np.savez(f, key=np.array(key), **arrays))
-            print(f"cached the decoded images of {root} in {cache} (set REVNETS_CACHE to move it)",
-                  file=sys.stderr, flush=True)
         except OSError as e:  # an unwritable cache costs only the decoding next time
             print(f"warning: cannot cache the decoded images in {cache} ({e.strerror}); set REVNETS_CACHE",
                   file=sys.stderr, flush=True)

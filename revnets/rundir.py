@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from . import checkpoint
+from .config import GROWABLE, Config, changed_settings, check_extension, config_dict
 from .files import deferred_interrupt, write_json
 
 RUN_FILES = ("config.json", "metrics.csv", "last.pt", "best.pt", "summary.json")
@@ -43,6 +44,19 @@ class RunDir:
         if not resume and self.last.exists():
             raise ValueError(f"{self.path} already holds a run; continue it with --resume {self.path} "
                              "or choose another --out")
+
+    def resume_checkpoint(self, config: Config, device) -> dict:
+        """last.pt, on `device`, if `config` continues its run (the same settings; --epochs and
+        --milestones may grow it, `config.check_extension`); ValueError naming what differs."""
+        ckpt = checkpoint.load(self.last, map_location=device)
+        if not isinstance(ckpt["config"], dict):
+            raise ValueError(f"{self.last} has no settings (its config is a {type(ckpt['config']).__name__})")
+        differ = {k: v for k, v in changed_settings(ckpt["config"], config).items() if k not in GROWABLE}
+        if differ:
+            raise ValueError(f"{self.last} was saved by a run with other settings: "
+                             + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in differ.items()))
+        check_extension(Config.from_dict({**ckpt["config"], "resume": str(self.path)}), config, ckpt["epoch"])
+        return ckpt
 
     def stamp(self) -> tuple[int, int] | None:
         """(mtime_ns, size) of last.pt: whether it changed between reading and locking."""
@@ -93,11 +107,16 @@ class RunDir:
             print(f"note: repaired {self.best} (the run was stopped before it held epoch {best_epoch})", flush=True)
         self.summary.unlink(missing_ok=True)
 
-    def write_config(self, content: dict) -> None:
+    def write_config(self, config: Config, start: int) -> None:
+        """config.json of `config`, `start` epochs in; a resumed run that grew keeps the record of
+        each extension under "extended" (after_epoch, and the epochs and milestones it had)."""
+        content = config_dict(config)
+        if start:
+            saved = json.loads(self.config.read_text())
+            content["extended"] = saved.get("extended", [])
+            if (saved["epochs"], tuple(saved["milestones"])) != (config.epochs, config.milestones):
+                content["extended"].append(dict(after_epoch=start, epochs=saved["epochs"], milestones=saved["milestones"]))
         write_json(self.config, content)
-
-    def read_config(self) -> dict:
-        return json.loads(self.config.read_text())
 
     def save(self, state: dict, best: bool) -> None:
         """last.pt, then best.pt when `best`; a Ctrl-C waits until both are written."""

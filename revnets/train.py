@@ -38,8 +38,7 @@ from torch import nn
 
 from . import checkpoint, data, inference
 from . import config as settings
-from .config import (GROWABLE, Config, add_arguments, changed_settings, check_device, check_extension, config_dict,
-                     config_from_args, growths, model_from_config, model_name)
+from .config import Config, add_arguments, check_device, config_from_args, growths, model_from_config, model_name
 from .loop import NonFiniteError, totals, train_step
 from .networks import MODELS, STABLE_SCHEMES
 from .progress import FIELDS, EpochBar, MetricsCSV, epoch_line, tensorboard_writer
@@ -147,7 +146,8 @@ class Run:
         self.dir = RunDir(config.out)
         if self.rank == 0:
             self.dir.check_writable(resume=config.resume is not None)
-        self.resumed, self.stamp = self._resume_checkpoint(), self.dir.stamp()
+        self.resumed = self.dir.resume_checkpoint(config, self.device) if config.resume else None
+        self.stamp = self.dir.stamp()
         self.ds = load_data(config)
         self.stats = data.channel_stats(self.ds.train_x)  # stored in every checkpoint (inference.metadata)
         self.train_loader, self.val_loader, self.test_loader = loaders(config, self.ds, self.device, self.rank,
@@ -155,7 +155,7 @@ class Run:
         self.start, self.best_acc, self.best_epoch, self.wall, self.times = 0, -1.0, 0, 0.0, []
         grown = growths(asdict(config), self.resumed["epoch"]) if self.resumed else 0
         self.net = make_model(config, self.ds, self.device, grown)
-        if config.init_from:
+        if config.init_from and not self.resumed:  # a resumed run has its own weights
             self._init_from(config.init_from)
         self.model = wrap(self.net, config, self.device, self.world)
         self.opt, self.sched = make_optimizer(config, self.net, len(self.train_loader))
@@ -168,21 +168,6 @@ class Run:
             self.drift = DriftMonitor(config.drift_every, config.drift_threshold)
         self.metrics = MetricsCSV(self.dir.path / "metrics.csv", FIELDS + (("drift_max",) if config.drift_every else ()))
         self.tb = None
-
-    def _resume_checkpoint(self) -> dict | None:
-        if self.config.resume is None:
-            return None
-        path = self.dir.last
-        ckpt = checkpoint.load(path, map_location=self.device)
-        if not isinstance(ckpt["config"], dict):
-            raise ValueError(f"{path} has no settings (its config is a {type(ckpt['config']).__name__})")
-        differ = {k: v for k, v in changed_settings(ckpt["config"], self.config).items() if k not in GROWABLE}
-        if differ:
-            raise ValueError(f"{path} was saved by a run with other settings: "
-                             + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in differ.items()))
-        check_extension(Config.from_dict({**ckpt["config"], "resume": None, "init_from": None}), self.config,
-                        ckpt["epoch"])
-        return ckpt
 
     def _init_from(self, path: str) -> None:
         state = checkpoint.load(path)["model"]
@@ -323,25 +308,18 @@ class Run:
         c = self.config
         if self.dir.stamp() != self.stamp:
             raise ValueError(f"{self.dir.last} changed while this run was starting (another run on {self.dir.path}?)")
-        content = config_dict(c)
         if self.resumed:
             self.dir.repair(self.resumed)
-            saved = self.dir.read_config()
-            content["extended"] = saved.get("extended", [])
-            if (saved["epochs"], tuple(saved["milestones"])) != (c.epochs, c.milestones):
-                content["extended"].append(dict(after_epoch=self.start, epochs=saved["epochs"],
-                                                milestones=saved["milestones"]))
         self.resumed = None  # its tensors are in the model and optimiser now
-        self.dir.write_config(content)
+        self.dir.write_config(c, self.start)
         self.metrics.keep_until(self.start)
         self.tb = tensorboard_writer(self.dir.path)
-        params = sum(p.numel() for p in self.net.parameters())
         ds, world = self.ds, f", {self.world} processes" if self.world > 1 else ""
         what = f"resuming after epoch {self.start} of {c.epochs}" if self.start else "training"
         val = f"{len(ds.val_y):,} validation / " if ds.val_y is not None else ""
-        print(f"revnets train: {what} {model_name(c)} ({params:,} parameters) on {ds.name} ({len(ds.train_y):,} "
-              f"train / {val}{len(ds.test_y):,} test images), {self.device}{world}; results in {self.dir.path}/",
-              flush=True)
+        print(f"revnets train: {what} {model_name(c)} ({_params(self.net):,} parameters) on {ds.name} "
+              f"({len(ds.train_y):,} train / {val}{len(ds.test_y):,} test images), {self.device}{world}; "
+              f"results in {self.dir.path}/", flush=True)
         if ds.val_y is None:
             print("note: no validation split (--val-fraction 0): best.pt is chosen on the test set", flush=True)
 
@@ -358,18 +336,11 @@ class Run:
             self.tb.flush()
 
     def _finish(self) -> dict:
-        rows = self.metrics.read() if self.rank == 0 else []
-        last = rows[-1] if rows else {}
-        best = next((r for r in rows if int(r["epoch"]) == self.best_epoch), {})
-        value = lambda row, key: float(row[key]) if row.get(key) else None  # noqa: E731
         summary = dict(model=self.config.model, name=model_name(self.config), dataset=self.config.dataset,
-                       epochs=self.config.epochs, final_acc=value(last, "test_acc"), final_loss=value(last, "test_loss"),
-                       best_epoch=self.best_epoch, best_on="validation" if self.val_loader else "test",
-                       best_val_acc=value(best, "val_acc"), best_val_loss=value(best, "val_loss"),
-                       best_test_acc=value(best, "test_acc"), best_test_loss=value(best, "test_loss"), wall_s=self.wall,
-                       images_per_s=sum(float(r["images_per_s"]) for r in rows) / len(rows) if rows else None,
-                       params=sum(p.numel() for p in self.net.parameters()),
-                       peak_mb=max((float(r["peak_mb"]) for r in rows), default=None), out=str(self.dir.path))
+                       epochs=self.config.epochs, **summarize(self.metrics.read() if self.rank == 0 else [],
+                                                              self.best_epoch),
+                       best_on="validation" if self.val_loader else "test", wall_s=self.wall,
+                       params=_params(self.net), out=str(self.dir.path))
         if self.rank == 0:
             self.dir.write_summary(summary)
             if self.tb is not None:
@@ -378,6 +349,22 @@ class Run:
                   f"by {summary['best_on']} accuracy (test {summary['best_test_acc']:.2%}), {self.wall:.1f} s; "
                   f"results in {self.dir.path}/ ({', '.join(RUN_FILES)})", flush=True)
         return summary
+
+
+def summarize(rows: list[dict], best_epoch: int) -> dict:
+    """summary.json's measurements from metrics.csv's rows: the last epoch's test loss and accuracy
+    (final_*), the best epoch's validation and test ones (best_*), mean images/s, peak memory."""
+    last = rows[-1] if rows else {}
+    best = next((r for r in rows if int(r["epoch"]) == best_epoch), {})
+    value = lambda row, key: float(row[key]) if row.get(key) else None  # noqa: E731
+    return dict(final_acc=value(last, "test_acc"), final_loss=value(last, "test_loss"), best_epoch=best_epoch,
+                **{f"best_{k}": value(best, k) for k in ("val_acc", "val_loss", "test_acc", "test_loss")},
+                images_per_s=sum(float(r["images_per_s"]) for r in rows) / len(rows) if rows else None,
+                peak_mb=max((float(r["peak_mb"]) for r in rows), default=None))
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def train(config: Config, on_epoch=None) -> dict:

@@ -301,6 +301,9 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tmp_path):
     with pytest.raises(ValueError, match="last.pt does not match the model"):
         train.Run(parse_config([*TINY, "--channels", "8", "8", "8", "--out", str(tmp_path / "third"),
                                 "--init-from", str(tmp_path / "first" / "last.pt")]))
+    run.fit()
+    (tmp_path / "first" / "last.pt").unlink()  # a run started from weights resumes from its own
+    assert train.train(parse_config(["--resume", str(tmp_path / "second"), "--epochs", "2"]))["epochs"] == 2
 
 
 def test_weights_that_overflow_in_the_last_step_of_an_epoch_are_not_saved(tmp_path, monkeypatch):
