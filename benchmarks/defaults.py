@@ -6,7 +6,9 @@ the Hamiltonian, MidPoint and Leapfrog defaults (README, "Defaults").
 
 Each configuration trains from scratch on a seeded, class-stratified subset of CIFAR-10 (paper's
 augmentation, SGD with momentum 0.9, one-cycle learning rate peaking at 0.1, weight decay and smoothness
-decay 2e-4 as in the paper's Appendix) and is tested on a fixed subset of the test set.
+decay 2e-4 as in the paper's Appendix) and is tested on a fixed subset of the test set. Each step is
+`revnets train`'s (`revnets.loop.train_step`); train_loss is the cross-entropy of the last step (NaN
+when a step diverged).
 """
 import argparse
 import json

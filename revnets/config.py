@@ -31,6 +31,7 @@ SCHEDULES = ("step", "cosine", "onecycle")
 PLACE = ("resume", "device", "out")  # where a run goes on, not what it computes: free to change on resume
 GROWABLE = ("epochs", "milestones")  # may change on resume: a run goes on for longer (`check_extension`)
 ARCHITECTURE = ("units", "channels", "h", "norm")  # the settings that make a model other than its Table 1 row
+EARLIER = {"val_fraction": 0.0}  # what runs saved before a setting existed did (no validation split)
 
 
 @dataclass
@@ -129,9 +130,9 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        """A Config from config.json (unknown keys, such as the library versions, are ignored; a run
-        written before validation splits existed had none)."""
-        d = {"val_fraction": 0.0, **d}
+        """A Config from config.json (unknown keys, such as the library versions, are ignored; a
+        setting missing from an older run takes its EARLIER value)."""
+        d = {**EARLIER, **d}
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
@@ -161,7 +162,7 @@ def model_name(config: Config | dict) -> str:
 def changed_settings(saved: dict, config: Config) -> dict[str, tuple]:
     """{name: (saved value, config's value)} of each setting, PLACE aside, in which `config` differs
     from `saved`, a run's settings as config.json or a checkpoint hold them (tuples as lists)."""
-    saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()}
+    saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in {**EARLIER, **saved}.items()}
     return {k: (saved.get(k), v) for k, v in asdict(config).items() if k not in PLACE and saved.get(k) != v}
 
 

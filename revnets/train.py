@@ -251,7 +251,7 @@ class Run:
         """The one-line report of a non-finite value: where, what the files hold, what to try."""
         done = self.start + len(self.times)
         kept = (f"{self.dir.last} holds epoch {done}, the last finite one, and {self.dir.best} epoch {self.best_epoch}"
-                if done else "no epoch had finished, so nothing was saved")
+                if done else "nothing was saved (no finite epoch yet)")
         h = " or --h" if MODELS[self.config.model]["scheme"] in STABLE_SCHEMES else ""
         return NonFiniteError(what, f"non-finite {what} {where}; training stopped, {kept}. Try a smaller --lr "
                                     f"(now {self.config.lr:g}){h}, then start again or --init-from a checkpoint")

@@ -325,3 +325,24 @@ def test_long_steps_print_one_line_each_when_not_a_terminal(capsys):
     assert list(progress.bar(range(3), "decoding", enabled=False)) == [0, 1, 2]
     assert capsys.readouterr().err == "decoding (3)\n"
     assert progress.duration(42) == "42 s" and progress.duration(600) == "10 min" and progress.duration(9000) == "2.5 h"
+
+
+def test_resume_may_move_the_decays_that_have_not_happened_yet(tmp_path):
+    flags = ["--train-fraction", "0.2", "--val-fraction", "0"]
+    _run(tmp_path / "whole", *flags, "--epochs", "5", "--milestones", "3", "4")
+    _run(tmp_path / "grown", *flags, "--epochs", "2", "--milestones", "3")
+    train.train(parse_config(["--resume", str(tmp_path / "grown"), "--epochs", "5", "--milestones", "3", "4"]))
+    lrs = [float(r["lr"]) for r in _metrics(tmp_path / "grown")]
+    assert lrs == [float(r["lr"]) for r in _metrics(tmp_path / "whole")] == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.001])
+
+
+def test_a_run_saved_before_validation_splits_existed_resumes_without_one(tmp_path):
+    with pytest.raises(Killed):
+        _run(tmp_path, "--epochs", "2", "--val-fraction", "0", on_epoch=_kill_after(1))
+    config = json.loads((tmp_path / "config.json").read_text())  # as an older revnets wrote it: no
+    old = {k: v for k, v in config.items() if k not in ("val_fraction", "init_from")}  # val_fraction, init_from
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    ckpt = checkpoint.load(tmp_path / "last.pt")
+    ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k not in ("val_fraction", "init_from")}
+    checkpoint.save(tmp_path / "last.pt", ckpt)
+    assert train.train(parse_config(["--resume", str(tmp_path)]))["best_on"] == "test"
