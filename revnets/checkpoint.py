@@ -3,6 +3,7 @@
 A checkpoint is a dict of tensors and plain Python values:
 
     {"model": state_dict, "config": dict of config.Config, "epoch": completed epochs,
+     "meta": what inference needs (classes, input size, standardisation: `inference.metadata`),
      and, to resume: "optimizer", "scheduler", "rng", "best_acc" and "best_epoch" (the best
      epoch's validation accuracy, or test accuracy without a validation split; "scaler" with fp16)}
 
@@ -83,7 +84,12 @@ def load_model(path: str | os.PathLike, device="cpu") -> tuple[nn.Module, dict]:
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path} does not describe a revnets network (missing {e})") from None
     load_state(model, state, path)
+    check_finite(state, path)
+    return model.to(device).eval(), config
+
+
+def check_finite(state: dict, path: str | os.PathLike) -> None:
+    """ValueError naming `path` if the state_dict `state` holds NaN or infinite weights."""
     bad = count_nonfinite(state)
     if bad:
         raise ValueError(f"{path} holds {bad:,} non-finite weights (NaN or infinite): not a usable model")
-    return model.to(device).eval(), config

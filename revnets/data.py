@@ -58,24 +58,31 @@ class Dataset:
     val_y: Tensor | None = None
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = False) -> Dataset:
-    """Read `name` (one of DATASETS) from `data_dir` (default ./data); `download` fetches CIFAR archives."""
+def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = False,
+                 train: bool = True) -> Dataset:
+    """Read `name` (one of DATASETS) from `data_dir` (default ./data); `download` fetches CIFAR archives.
+
+    train=False reads the test split only (the training split is then empty): what evaluating a
+    model that stores its standardisation needs.
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     if name == "digits":
-        return _digits()
+        return _digits(train)
     if name == "folder" and data_dir is None:
         raise ValueError("the folder dataset needs a data directory (ROOT/train/<class>/*.png|jpg, ROOT/test/...)")
     root = Path("data" if data_dir is None else data_dir).expanduser()
     if name == "folder":
-        return _folder(root)
+        return _folder(root, train)
     if name == "stl10":
-        return _stl10(root)
-    return _cifar(name, root, download)
+        return _stl10(root, train)
+    return _cifar(name, root, download, train)
 
 
 def _dataset(name, train, test, classes, padding) -> Dataset:
-    (train_x, train_y), (test_x, test_y) = train, test
+    """A Dataset of (x, y) numpy pairs; train=None gives an empty training split (test's image shape)."""
+    (test_x, test_y) = test
+    train_x, train_y = train if train is not None else (test_x[:0], test_y[:0])
     if train_x.shape[1:] != test_x.shape[1:]:
         raise ValueError(f"{name}: training images are {_shape(train_x)} but test images {_shape(test_x)}; "
                          "both splits must share size and channels")
@@ -102,8 +109,9 @@ def _unpickle(raw: bytes) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
 
 
-def _cifar(name: str, root: Path, download: bool) -> Dataset:
+def _cifar(name: str, root: Path, download: bool, train: bool = True) -> Dataset:
     archive, folder, train_members, test_member, meta_member, label_key, names_key, md5 = CIFAR[name]
+    train_members = train_members if train else []
     members = [*train_members, test_member, meta_member]
     if (root / folder).is_dir():
         raw = {m: (root / folder / m).read_bytes() for m in members}
@@ -127,7 +135,7 @@ def _cifar(name: str, root: Path, download: bool) -> Dataset:
         x = np.concatenate([batches[m]["data"] for m in names]).reshape(-1, 3, 32, 32)
         return x, np.concatenate([batches[m][label_key] for m in names])
     classes = [c.decode() if isinstance(c, bytes) else c for c in batches[meta_member][names_key]]
-    return _dataset(name, split(train_members), split([test_member]), classes, padding=4)
+    return _dataset(name, split(train_members) if train else None, split([test_member]), classes, padding=4)
 
 
 def _shape(x: np.ndarray) -> str:
@@ -153,7 +161,7 @@ def _download(url: str, path: Path, md5: str) -> None:
 
 # ---- STL-10: stl10_binary ----
 
-def _stl10(root: Path) -> Dataset:
+def _stl10(root: Path, train: bool = True) -> Dataset:
     folder = root / "stl10_binary"
     missing = [f for f in STL10_FILES if not (folder / f).is_file()]
     if missing:
@@ -164,7 +172,7 @@ def _stl10(root: Path) -> Dataset:
         x = np.fromfile(folder / f"{prefix}_X.bin", np.uint8).reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
         return x, np.fromfile(folder / f"{prefix}_y.bin", np.uint8).astype(np.int64) - 1  # labels 1..10
     classes = (folder / "class_names.txt").read_text().split()
-    return _dataset("stl10", split("train"), split("test"), classes, padding=12)
+    return _dataset("stl10", split("train") if train else None, split("test"), classes, padding=12)
 
 
 # ---- image folders: ROOT/{train,test}/<class>/*.png|jpg, decoded once into a cached .npz ----
@@ -177,7 +185,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "revnets"
 
 
-def _folder(root: Path) -> Dataset:
+def _folder(root: Path, train: bool = True) -> Dataset:
     if not (root / "train").is_dir():
         raise FileNotFoundError(f"{root / 'train'} not found: expected ROOT/train/<class>/*.png|jpg and "
                                 f"ROOT/test/<class>/... with ROOT = {root}")
@@ -185,7 +193,7 @@ def _folder(root: Path) -> Dataset:
     files = {split: _image_files(root, split, classes) for split in ("train", "test")}
     key = hashlib.sha1(repr((str(root.resolve()), classes, files)).encode()).hexdigest()  # path, names, mtimes, sizes
     cache = cache_dir() / f"folder-{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]}.npz"
-    arrays = _read_cache(cache, key)
+    arrays = _read_cache(cache, key, ("train", "test") if train else ("test",))
     if arrays is None:
         arrays = _decode(root, files)
         print(f"caching the decoded images of {root} in {cache} (set REVNETS_CACHE to move it)",
@@ -195,15 +203,15 @@ def _folder(root: Path) -> Dataset:
         except OSError as e:  # an unwritable cache costs only the decoding next time
             print(f"warning: cannot cache the decoded images in {cache} ({e.strerror}); set REVNETS_CACHE",
                   file=sys.stderr, flush=True)
-    return _dataset("folder", (arrays["train_x"], arrays["train_y"]), (arrays["test_x"], arrays["test_y"]),
-                    classes, padding=4)
+    return _dataset("folder", (arrays["train_x"], arrays["train_y"]) if train else None,
+                    (arrays["test_x"], arrays["test_y"]), classes, padding=4)
 
 
-def _read_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:
-    """The arrays cached at `path` if they were decoded from the files that `key` describes."""
+def _read_cache(path: Path, key: str, splits=("train", "test")) -> dict[str, np.ndarray] | None:
+    """The arrays of `splits` cached at `path` if they were decoded from the files that `key` describes."""
     try:
         with np.load(path) as z:
-            return {k: z[k] for k in ("train_x", "train_y", "test_x", "test_y")} if str(z["key"]) == key else None
+            return {f"{s}_{a}": z[f"{s}_{a}"] for s in splits for a in "xy"} if str(z["key"]) == key else None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # absent, or not written by this version
         return None
 
@@ -237,7 +245,7 @@ def _decode(root: Path, files: dict[str, list[tuple[str, int, int, int]]]) -> di
     """Decode every image; grey (1 channel) if all images are grey, else RGB (grey ones replicated)."""
     pixels = {}
     for split, items in files.items():
-        pixels[split] = [_read_image(root / name) for name, *_ in
+        pixels[split] = [read_image(root / name) for name, *_ in
                          bar(items, f"decoding the {split} images of {root}")]
         for (name, *_), a in zip(items, pixels[split]):
             (h, w), (h0, w0) = a.shape[:2], pixels[split][0].shape[:2]
@@ -253,8 +261,9 @@ def _decode(root: Path, files: dict[str, list[tuple[str, int, int, int]]]) -> di
     return arrays
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """Pixels of one image file, uint8 (H, W) grey or (H, W, 3) RGB; ValueError naming an unreadable file."""
+def read_image(path: str | Path) -> np.ndarray:
+    """Pixels of one PNG or JPEG file, uint8 (H, W) grey or (H, W, 3) RGB (16-bit scaled to 8);
+    ValueError naming an unreadable file. Image folders and `revnets predict` decode with it."""
     from PIL import Image
     try:
         with Image.open(path) as im:
@@ -268,7 +277,7 @@ def _read_image(path: Path) -> np.ndarray:
 
 # ---- scikit-learn's 8x8 digits ----
 
-def _digits() -> Dataset:
+def _digits(train: bool = True) -> Dataset:
     """1,797 grey 8x8 digits scaled to 0..255, with a fixed stratified 1,437/360 train/test split."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -276,7 +285,8 @@ def _digits() -> Dataset:
     x = np.round(digits.images * (255 / 16)).astype(np.uint8)[:, None]
     train_x, test_x, train_y, test_y = train_test_split(x, digits.target, test_size=360, stratify=digits.target,
                                                         random_state=0)
-    return _dataset("digits", (train_x, train_y), (test_x, test_y), [str(d) for d in range(10)], padding=1)
+    return _dataset("digits", (train_x, train_y) if train else None, (test_x, test_y), [str(d) for d in range(10)],
+                    padding=1)
 
 
 # ---- subsets, statistics, loader ----

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import checkpoint, data
+from . import checkpoint, data, inference
 from . import config as settings
 from .config import Config, add_arguments, check_device, config_from_args, growths, model_from_config, model_name
 from .loop import NonFiniteError, totals, train_step
@@ -70,9 +70,10 @@ def load_data(config: Config) -> data.Dataset:
                           config.train_fraction, config.seed, config.val_fraction)
 
 
-def loaders(config: Config, ds: data.Dataset, device: torch.device, rank: int = 0, world: int = 1):
-    """(train, validation or None, test) Loaders; all standardise with the training images' statistics."""
-    mean, std = data.channel_stats(ds.train_x)
+def loaders(config: Config, ds: data.Dataset, device: torch.device, rank: int = 0, world: int = 1, stats=None):
+    """(train, validation or None, test) Loaders; all standardise with `stats` = (mean, std), by
+    default the training images' channel statistics."""
+    mean, std = stats if stats is not None else data.channel_stats(ds.train_x)
     common = dict(mean=mean, std=std, device=device, seed=config.seed, rank=rank, world_size=world)
     val = None if ds.val_x is None else data.Loader(ds.val_x, ds.val_y, config.batch_size, train=False, **common)
     return (data.Loader(ds.train_x, ds.train_y, config.batch_size, train=True, padding=ds.padding, **common), val,
@@ -148,8 +149,9 @@ class Run:
         self.resumed = self.dir.resume_checkpoint(config, self.device) if config.resume else None
         self.stamp = self.dir.stamp()
         self.ds = load_data(config)
+        self.stats = data.channel_stats(self.ds.train_x)  # stored in every checkpoint (inference.metadata)
         self.train_loader, self.val_loader, self.test_loader = loaders(config, self.ds, self.device, self.rank,
-                                                                       self.world)
+                                                                       self.world, self.stats)
         self.start, self.best_acc, self.best_epoch, self.wall, self.times = 0, -1.0, 0, 0.0, []
         grown = growths(asdict(config), self.resumed["epoch"]) if self.resumed else 0
         self.net = make_model(config, self.ds, self.device, grown)
@@ -205,7 +207,8 @@ class Run:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         state = dict(model=self.net.state_dict(), config=asdict(self.config), epoch=epoch,
                      optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), rng=rng,
-                     best_acc=self.best_acc, best_epoch=self.best_epoch, wall_s=self.wall)
+                     best_acc=self.best_acc, best_epoch=self.best_epoch, wall_s=self.wall,
+                     meta=inference.metadata(asdict(self.config), self.ds, self.stats, epoch))
         if self.config.amp == "fp16":
             state["scaler"] = self.scaler.state_dict()
         return state

@@ -23,7 +23,7 @@ def test_output_into_a_closed_pipe_ends_quietly(monkeypatch):
 
 def test_help_lists_every_command():
     done = subprocess.run([sys.executable, "-m", "revnets.cli", "--help"], capture_output=True, text=True)
-    for command in ("train", "eval", "models", "plot", "analyze", "reproduce"):
+    for command in ("train", "eval", "predict", "models", "plot", "analyze", "reproduce"):
         assert command in done.stdout
 
 
@@ -72,8 +72,9 @@ def test_import_of_a_missing_module_is_one_line_and_exit_code_2(capsys):
 
 def test_library_modules_import_no_command_module():
     """Data flows one way: cli -> commands -> library; the library never imports a command module."""
-    library = ["config", "rundir", "files", "loop", "train", "data", "checkpoint", "progress", "engine", "networks"]
-    commands = ["cli", "evaluate", "plot", "report", "reproduce", "zoo"]
+    library = ["config", "rundir", "files", "loop", "train", "data", "checkpoint", "inference", "progress", "engine",
+               "networks"]
+    commands = ["cli", "evaluate", "predict", "plot", "report", "reproduce", "zoo"]
     code = (f"import sys; import {', '.join('revnets.' + m for m in library)}; "
             f"print([m for m in {commands} if 'revnets.' + m in sys.modules])")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

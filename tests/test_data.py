@@ -70,6 +70,23 @@ def test_cifar_reads_archive_and_extracted_folder(tmp_path, name, packed):
     assert d.classes == expected["classes"]
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_cifar_test_split_alone_needs_no_training_batches(tmp_path, packed):
+    members, expected = _cifar_members("cifar10", np.random.default_rng(0))
+    members = {m: raw for m, raw in members.items() if "data_batch" not in m}  # the training split is absent
+    if packed:
+        (tmp_path / data.CIFAR["cifar10"][0]).write_bytes(_tar_gz(members))
+    else:
+        for member, raw in members.items():
+            (tmp_path / member).parent.mkdir(exist_ok=True)
+            (tmp_path / member).write_bytes(raw)
+    d = data.load_dataset("cifar10", tmp_path, train=False)
+    assert d.train_x.shape == (0, 3, 32, 32) and d.train_y.shape == (0,)
+    np.testing.assert_array_equal(d.test_x.numpy(), expected["test_x"])
+    assert d.test_y.tolist() == expected["test_y"] and d.classes == expected["classes"]
+    with pytest.raises((ValueError, FileNotFoundError)):
+        data.load_dataset("cifar10", tmp_path)
+
 def test_cifar_missing_archive_says_where_to_put_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"cifar-100-python\.tar\.gz.*--download") as e:
         data.load_dataset("cifar100", tmp_path)
@@ -227,6 +244,22 @@ def test_folder_cache_skips_decoding_until_files_change(tmp_path, monkeypatch, c
     cache.write_bytes(b"garbage")  # an unreadable cache is decoded again
     assert len(data.load_dataset("folder", root).train_x) == 4
     assert np.load(cache)["train_x"].shape == (4, 1, 4, 4)
+
+
+def test_folder_test_split_alone_reads_only_the_tests_cached_arrays(tmp_path, monkeypatch):
+    monkeypatch.setenv("REVNETS_CACHE", str(tmp_path / "cache"))
+    for split in ("train", "test"):
+        for i in range(2):
+            _image(tmp_path, f"{split}/a/{i}.png", np.full((4, 4), 10 * i + (split == "test"), np.uint8))
+    full = data.load_dataset("folder", tmp_path)
+    [cache] = (tmp_path / "cache").glob("*.npz")
+    with np.load(cache) as z:  # the same cache without its training arrays: only train=False can use it
+        kept = {k: z[k] for k in ("key", "test_x", "test_y")}
+    np.savez(cache, **kept)
+    d = data.load_dataset("folder", tmp_path, train=False)
+    assert d.train_x.shape == (0, 1, 4, 4) and torch.equal(d.test_x, full.test_x) and torch.equal(d.test_y, full.test_y)
+    assert "train_x" not in np.load(cache)  # nothing decoded again
+    assert torch.equal(data.load_dataset("folder", tmp_path).train_x, full.train_x)  # train=True decodes anew
 
 
 def test_cache_dir_follows_revnets_cache_then_xdg(monkeypatch, tmp_path):

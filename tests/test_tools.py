@@ -11,8 +11,8 @@ import revnets
 from revnets import checkpoint, data, plot
 from revnets.cli import main
 from revnets.config import Config
-from revnets.evaluate import training_stats
 from revnets.files import save_png
+from revnets.inference import training_stats
 from revnets.loop import evaluate
 from revnets.networks import MODELS, PAPER_PARAMS
 from revnets.plot import plot_runs, read_metrics
