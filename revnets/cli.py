@@ -11,12 +11,20 @@ import argparse
 import importlib
 import os
 import sys
+import textwrap
 
 from . import __version__
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the subcommands' parsers inherit this class)."""
+    """argparse, but a usage error is one line (the subcommands' parsers inherit this class), and
+    help text never wraps inside a hyphenated name (hamiltonian-74, a registered user-model-6)."""
+
+    def __init__(self, *args, formatter_class: type = argparse.HelpFormatter, **kw):
+        class Formatter(formatter_class):
+            def _split_lines(self, text: str, width: int) -> list[str]:
+                return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+        super().__init__(*args, formatter_class=Formatter, **kw)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
