@@ -227,3 +227,13 @@ def test_network_units_are_the_same_blocks_with_dim_2():
     assert [(k, v.shape) for k, v in model.units[0].state_dict().items()] == \
         [(k, v.shape) for k, v in stack.state_dict().items()]
     assert model.units_spec == (2, 2, 2) and build_model("resnet-32", **SMALL).units_spec == (2, 2, 2)
+
+
+def test_reversible_unit_rejects_other_blocks_and_pooling_outside_2d():
+    from revnets.blocks import BasicBlock, HamiltonianBlock
+    with pytest.raises(ValueError, match="needs a ReversibleBlock class; got <class 'revnets.blocks.BasicBlock'>"):
+        ReversibleUnit(BasicBlock, 4, 4, 2, pool=False)
+    with pytest.raises(ValueError, match="pools 2-D feature maps only; got pool=True with dim=3"):
+        ReversibleUnit(HamiltonianBlock, 4, 4, 2, pool=True, dim=3)
+    unit = ReversibleUnit(HamiltonianBlock, 4, 8, 2, pool=True, norm=None)  # the paper's widening unit
+    assert unit(torch.randn(2, 4, 8, 8)).shape == (2, 8, 4, 4)
