@@ -6,10 +6,11 @@ from .regularization import smoothness_penalty
 from .engine import invert, reversible, sequential
 from .drift import DriftMonitor, reversal_error
 from .multilevel import grow
+from .transformer import LM_MODELS, ReversibleTransformer, build_lm
 from . import exact
 
 __version__ = "0.1.0"
 __all__ = ["AdditiveCoupling", "BasicBlock", "Coupling", "HamiltonianBlock", "LeapfrogBlock", "MidPointBlock",
            "ReversibleBlock", "RevNetBlock", "MODELS", "Network", "build_model", "list_models",
            "smoothness_penalty", "invert", "reversible", "sequential", "DriftMonitor", "reversal_error", "grow",
-           "exact"]
+           "exact", "LM_MODELS", "ReversibleTransformer", "build_lm"]
