@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command_modules() -> list:
-    from . import evaluate, plot, report, reproduce, train, zoo
-    return [zoo, plot, evaluate, reproduce, train, report]
+    from . import evaluate, generate, plot, report, reproduce, train, zoo
+    return [zoo, plot, evaluate, reproduce, train, report, generate]
 
 
 def main(argv: list[str] | None = None) -> int:

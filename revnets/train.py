@@ -146,7 +146,7 @@ def config_dict(config: Config) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `revnets train`; defaults are suppressed so that a Config sees only given flags."""
     a = p.add_argument
-    a("--dataset", help=f"one of {', '.join(data.DATASETS)} (default: digits, offline)")
+    a("--dataset", help=f"one of {', '.join(data.DATASETS)}, or text (revnets.lm) (default: digits, offline)")
     a("--data-dir", help="where the dataset lives (CIFAR archive, stl10_binary, or image-folder root)")
     a("--download", action="store_true", help="fetch CIFAR archives from their official address")
     a("--model", help=f"a Table 1 name (default: hamiltonian-74): {', '.join(MODELS)}")
@@ -211,10 +211,15 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a network with the paper's recipe",
                               description=__doc__.split("\n\n")[1], argument_default=argparse.SUPPRESS)
     add_arguments(p)
+    from . import lm  # text runs (imports this module)
+    lm.add_arguments(p)
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
+    if getattr(args, "dataset", None) == "text":  # language models: their own loop
+        from . import lm
+        return lm.main(args)
     train(config_from_args(args))
     return 0
 
