@@ -29,18 +29,28 @@ Act = Callable[[], nn.Module]
 
 
 class Coupling(NamedTuple):
-    """One additive coupling (a, b) -> (b, sign * a + update(b))."""
+    """One additive coupling (a, b) -> (b, sign * a + update(b)).
+
+    `step` and `unstep` are its sign arithmetic, written once: the float engine, the fixed-point
+    engine (on int64 increments) and the blocks all call them.
+    """
 
     sign: int
     update: Callable[[Tensor], Tensor]
 
+    def step(self, a: Tensor, u: Tensor) -> Tensor:
+        """c = sign * a + u."""
+        return a + u if self.sign > 0 else u - a
+
+    def unstep(self, c: Tensor, u: Tensor) -> Tensor:
+        """a = sign * (c - u), the inverse of `step`."""
+        return c - u if self.sign > 0 else u - c
+
     def __call__(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        u = self.update(b)
-        return b, (a + u if self.sign > 0 else u - a)
+        return b, self.step(a, self.update(b))
 
     def invert(self, b: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        u = self.update(b)
-        return (c - u if self.sign > 0 else u - c), b
+        return self.unstep(c, self.update(b)), b
 
 
 class ReversibleBlock(nn.Module):
