@@ -17,13 +17,13 @@ couplings and run through the one engine (`revnets.engine.reversible`): gradient
 autograd's, activations are rebuilt instead of stored.
 
 Choices, and why:
-  * M~(y) = K^T s(K n(y) + b), Eq. (7)'s symmetric layer with K: width -> 2 * hidden, s = ReLU and n a
-    LayerNorm without affine weights, for the two second-order schemes. Its Jacobian K^T D K P
-    (D = diag(s') >= 0, P the LayerNorm Jacobian, symmetric positive semi-definite) is similar to
-    P^1/2 K^T D K P^1/2, so its eigenvalues are real and >= 0 even with the pre-norm: the MLP half of
-    Y'' = -M~(Y) oscillates instead of growing (Eq. 16), and Verlet's Jacobian (9) keeps imaginary
-    eigenvalues for it. An affine LayerNorm would break the similarity (K absorbs its scale). The
-    hidden width is doubled so that M~ has the weights and the FLOPs of the standard MLP.
+  * M~(y) = K^T s(K n(y) + b), Eq. (7)'s symmetric layer, for the two second-order schemes: K maps
+    width -> 8 width, s = ReLU, n is a LayerNorm without affine weights. Its Jacobian K^T D K P
+    (D = diag(s') >= 0; P, LayerNorm's Jacobian, is a scaled orthogonal projection) is similar to
+    P^1/2 K^T D K P^1/2, so its eigenvalues are real and >= 0 even behind the pre-norm: Y'' = -M~(Y)
+    oscillates instead of growing (Eq. 16). An affine LayerNorm would break the similarity (K
+    absorbs its scale). The hidden width is twice the standard MLP's so that M~ holds as many
+    weights; each is used twice, so M~ costs twice the MLP's FLOPs.
   * MidPoint keeps the standard MLP: its stability needs an antisymmetric Jacobian (Eq. 13-14),
     which no two-layer MLP with a wider hidden layer has, and Eq. (13)'s square (K - K^T) layer
     would hold an eighth of the MLP's weights. The reference (Gal et al., "Reversing Large
@@ -34,7 +34,7 @@ Choices, and why:
     Hamiltonian start from (x, x) as Reformer does. The head reads Y_N, or (Y + Z) / 2 for the
     pair schemes, so that it stays `width` wide and can be tied.
   * h = 1: the step multiplies a learned function whose output projection starts small (GPT-2's
-    0.02 / sqrt(2 depth)), so training chooses the step's size; h < 1 forces smoother dynamics.
+    0.02 / sqrt(2 depth)), so training chooses the size of each step; h < 1 scales every step down.
   * Dropout is `nn.Dropout` on each branch's output (and the embedding), never attention
     dropout inside the SDPA kernel, so that the engine sees every random op it must replay.
 """
@@ -202,18 +202,17 @@ class ReversibleTransformer(nn.Module):
     """Causal language model on a chain of `depth` blocks of one scheme (module docstring).
 
     tokens (N, T) int64 with T <= context and ids in [0, vocab_size) -> logits (N, T, vocab_size).
-    `memory_efficient=False` trains the same module (same state_dict) with plain autograd;
-    `segment` is `engine.reversible`'s (store the state every k blocks). `tied`: the head is the
-    token embedding's weight.
+    `memory_efficient=False` trains the same module (same state_dict) with plain autograd (the
+    residual scheme always does). `tied`: the head is the token embedding's weight.
     """
 
     def __init__(self, vocab_size: int, width: int, depth: int, heads: int, context: int,
                  scheme: str = "leapfrog", memory_efficient: bool = True, dropout: float = 0.0,
-                 h: float = 1.0, tied: bool = True, segment: int | None = None):
+                 h: float = 1.0, tied: bool = True):
         super().__init__()
         _check_sizes(vocab_size, width, depth, heads, context, scheme, dropout, h)
         self.scheme, self.context, self.vocab_size = scheme, context, vocab_size
-        self.memory_efficient, self.segment = memory_efficient, segment
+        self.memory_efficient = memory_efficient
         self.tok = nn.Embedding(vocab_size, width)
         self.pos = nn.Embedding(context, width)
         self.drop = nn.Dropout(dropout)
@@ -261,7 +260,7 @@ class ReversibleTransformer(nn.Module):
             x = b
         else:
             if self.memory_efficient:
-                a, b = engine.reversible(self.blocks, a, b, self.segment)
+                a, b = engine.reversible(self.blocks, a, b)
             else:
                 a, b = engine.sequential(self.blocks, a, b)
             x = (a + b) / 2 if self.scheme in ("revnet", "hamiltonian") else b

@@ -181,3 +181,28 @@ def test_generate_rejects_bad_settings():
     with pytest.raises(ValueError, match="top_k >= 1"):
         generate(tiny("leapfrog"), tokens(1, 2), 3, top_k=0)
 
+
+
+def _ddp_worker(rank, world, store, state, x, out_file):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    model = tiny("leapfrog", torch.float32)
+    model.load_state_dict(state)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    shard = x[rank * len(x) // world:(rank + 1) * len(x) // world]
+    F.cross_entropy(ddp(shard).flatten(0, 1), shard.roll(-1, 1).flatten()).backward()
+    if rank == 0:
+        torch.save([p.grad for p in model.parameters()], out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ddp_gloo_gradients_equal_single_process(tmp_path):
+    import torch.multiprocessing as mp
+    model, x = tiny("leapfrog", torch.float32), tokens(4)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    mp.start_processes(_ddp_worker, args=(2, tmp_path / "store", state, x, tmp_path / "g.pt"), nprocs=2,
+                       start_method="fork")  # CPU only, no threads started: fork skips two imports of torch
+    F.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten()).backward()
+    for p, g in zip(model.parameters(), torch.load(tmp_path / "g.pt")):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)

@@ -1,21 +1,24 @@
 """Reversible transformers on real text: every scheme with one shared CPU budget, and memory in depth.
 
-    OMP_NUM_THREADS=1 python benchmarks/transformers.py        # about 10 minutes on one core
+    OMP_NUM_THREADS=1 python benchmarks/transformer_text.py    # about 10 minutes of one core
 
 Text: the King James Bible of Debian's `bible-kjv-text` (installed with apt-get when missing; the
 `bible` program of `bible-kjv` decodes it), character level, the last 10% held out. Every scheme
 trains the same model size (width 64, 6 blocks, 4 heads, context 64; about 0.31M parameters) on the
-same batches for the same number of AdamW steps; validation bits per character every STEPS / 10
-steps on the first 8,192 held-out characters. Then, in a fresh process per configuration, one
-training step at depths 6, 24 and 96: bytes of the activations autograd saves (saved_tensors_hooks)
-and the process's peak memory growth (ru_maxrss); and the step time of each scheme against
-`residual` at depth 24 (steps interleaved, median). Writes docs/figures/transformers.json and
+same batches (16 windows) for the same number of AdamW steps, at each of two learning rates;
+validation bits per character every STEPS / 10 steps on the first 8,192 held-out characters. Then,
+in a fresh process per configuration, one training step at depths 6, 24 and 96 (batch 32): bytes
+of the activations autograd saves (saved_tensors_hooks) and the peak of the process's resident
+memory during the step above its resident memory before it (Linux VmHWM, reset through
+/proc/self/clear_refs), with glibc's default malloc and with a fixed mmap threshold; and the step time of each scheme against `residual` at depth 24 (steps
+interleaved, median). Writes docs/figures/transformers.json and
 docs/figures/transformers-bpc.png and prints the tables.
 """
 import argparse
 import json
 import math
-import resource
+import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -26,14 +29,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import ROOT, markdown, measure_in_child
+from common import ROOT, markdown
 
 from revnets import checkpoint, plot
 from revnets.text import batch, bits_per_char, load_text
 from revnets.transformer import SCHEMES, ReversibleTransformer
 
 SIZE = dict(width=64, heads=4, context=64)
-BATCH = 32
+BATCH, TRAIN_BATCH = 32, 16
 
 
 def kjv(path: Path) -> Path:
@@ -66,17 +69,17 @@ def train(scheme: str, data, steps: int, lr: float, val) -> dict:
             model.eval()
             curve.append((step, bits_per_char(model, val, data.tokens_per_char, SIZE["context"])))
             model.train()
-            print(f"  {scheme} step {step}: {curve[-1][1]:.3f} bits/char", flush=True)
+            print(f"  {scheme} lr {lr:g} step {step}: {curve[-1][1]:.3f} bits/char", flush=True)
         if step == steps:
             break
-        x, y = batch(data.train, SIZE["context"], BATCH, gen)
+        x, y = batch(data.train, SIZE["context"], TRAIN_BATCH, gen)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return dict(scheme=scheme, params=sum(p.numel() for p in model.parameters()), curve=curve,
+    return dict(scheme=scheme, lr=lr, params=sum(p.numel() for p in model.parameters()), curve=curve,
                 val_bpc=curve[-1][1], train_s=time.perf_counter() - t0)
 
 
@@ -85,13 +88,14 @@ def step_once(model, x) -> None:
 
 
 def memory(scheme: str, depth: int) -> dict:
-    """In a fresh process: saved activation bytes of one forward and peak RSS growth of one step."""
+    """In a fresh process: saved activation bytes of one forward and peak memory growth of one step."""
     torch.manual_seed(0)
     model = ReversibleTransformer(80, depth=depth, scheme=scheme, **SIZE)
     x = torch.randint(0, 80, (BATCH, SIZE["context"] + 1), generator=torch.Generator().manual_seed(0))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step_once(model, x)  # first: the process's high-water mark is then this step's
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    before = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets the high-water mark VmHWM to VmRSS
+    step_once(model, x)
+    peak = _status_kib("VmHWM") - before
     params, saved = {p.data_ptr() for p in model.parameters()}, 0
 
     def pack(t):
@@ -101,6 +105,22 @@ def memory(scheme: str, depth: int) -> dict:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(x[:, :-1]).sum()
     return dict(scheme=scheme, depth=depth, saved_mb=saved / 2**20, peak_mb=peak / 1024)
+
+
+def memory_in_child(scheme: str, depth: int) -> dict:
+    """`memory` in fresh processes, with glibc's malloc as configured by default and with a fixed
+    mmap threshold (64 KiB: freed large blocks go back to the system instead of staying resident)."""
+    def child(env: dict) -> dict:
+        done = subprocess.run([sys.executable, __file__, "--child", json.dumps(dict(scheme=scheme, depth=depth))],
+                              capture_output=True, text=True, check=True, env={**os.environ, **env})
+        return json.loads(done.stdout.splitlines()[-1])
+    row = child({"MALLOC_MMAP_THRESHOLD_": "65536"})
+    row["peak_mb_default_malloc"] = child({})["peak_mb"]
+    return row
+
+
+def _status_kib(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
 def step_times(depth: int, rounds: int) -> dict[str, float]:
@@ -125,10 +145,10 @@ def figure(runs: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in runs:
         steps, bpc = zip(*run["curve"])
-        ax.plot(steps, bpc, marker="o", ms=3, label=run["scheme"])
+        ax.plot(steps, bpc, marker="o", ms=3, label=f"{run['scheme']} (lr {run['lr']:g})")
     ax.set(xlabel="training step", ylabel="validation bits per character",
            title="KJV, character level, 0.31M parameters, 6 blocks")
-    ax.set_ylim(top=min(5, max(max(b for _, b in r["curve"][1:]) for r in runs) + 0.2))
+    ax.set_ylim(top=min(5, max(max(b for _, b in r["curve"][1:]) for r in runs) + 0.1))
     ax.grid(alpha=0.3)
     ax.legend()
     plot.save_png(fig, path)
@@ -137,8 +157,8 @@ def figure(runs: list[dict], path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--text", type=Path, default=Path("/tmp/kjv.txt"), help="where the decoded KJV is kept")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--lr", type=float, nargs="+", default=[1e-3, 3e-3], help="each scheme's best is reported")
     p.add_argument("--depths", type=int, nargs="+", default=[6, 24, 96])
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "figures")
     p.add_argument("--child")
@@ -151,21 +171,26 @@ def main() -> None:
     val = data.val[:8192]
     print(f"KJV: {len(data.train):,} training / {len(data.val):,} held-out characters, vocabulary "
           f"{len(data.vocab)}", flush=True)
-    runs = [train(s, data, args.steps, args.lr, val) for s in SCHEMES]
-    mem = [measure_in_child(__file__, dict(scheme=s, depth=d)) for d in args.depths for s in SCHEMES]
+    tried = [train(s, data, args.steps, lr, val) for s in SCHEMES for lr in args.lr]
+    runs = [min((r for r in tried if r["scheme"] == s), key=lambda r: r["val_bpc"]) for s in SCHEMES]
+    for run in runs:
+        run["other_lr_bpc"] = ", ".join(f"{r['val_bpc']:.3f}" for r in tried if r["scheme"] == run["scheme"]
+                                        and r is not run)
+    mem = [memory_in_child(s, d) for d in args.depths for s in SCHEMES]
     times = step_times(24, rounds=5)
     for run in runs:
         run["step_ms_depth24"] = times[run["scheme"]]
         run["vs_residual"] = times[run["scheme"]] / times["residual"]
-    result = dict(command="OMP_NUM_THREADS=1 python benchmarks/transformers.py " + " ".join(sys.argv[1:]),
-                  torch=torch.__version__, size=SIZE, batch=BATCH, steps=args.steps, lr=args.lr,
-                  runs=runs, memory=mem)
+    result = dict(command="OMP_NUM_THREADS=1 python benchmarks/transformer_text.py " + " ".join(sys.argv[1:]),
+                  torch=torch.__version__, size=SIZE, batch=TRAIN_BATCH, steps=args.steps, lrs=args.lr,
+                  runs=runs, tried=tried, memory=mem)
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write(args.out / "transformers.json", lambda f: f.write(json.dumps(result, indent=1) + "\n"),
                             text=True)
     figure(runs, args.out / "transformers-bpc.png")
-    print(markdown(runs, ["scheme", "params", "val_bpc", "train_s", "step_ms_depth24", "vs_residual"]))
-    print(markdown(mem, ["scheme", "depth", "saved_mb", "peak_mb"]))
+    print(markdown(runs, ["scheme", "params", "lr", "val_bpc", "other_lr_bpc", "train_s", "step_ms_depth24",
+                          "vs_residual"]))
+    print(markdown(mem, ["scheme", "depth", "saved_mb", "peak_mb", "peak_mb_default_malloc"]))
 
 
 if __name__ == "__main__":
