@@ -94,8 +94,7 @@ def config_from_args(args: argparse.Namespace) -> LMConfig:
     """LMConfig from `revnets train` flags; ValueError for a flag that text runs do not use. With
     --resume DIR the saved settings, which given flags must match."""
     names = {f.name for f in fields(LMConfig)}
-    given = vars(args).copy()
-    given.pop("func", None), given.pop("command", None)
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     unused = sorted(k for k in given if k not in names)
     if unused:
         raise ValueError("--dataset text does not use " + ", ".join("--" + k.replace("_", "-") for k in unused))

@@ -146,7 +146,7 @@ def config_dict(config: Config) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `revnets train`; defaults are suppressed so that a Config sees only given flags."""
     a = p.add_argument
-    a("--dataset", help=f"one of {', '.join(data.DATASETS)}, or text (revnets.lm) (default: digits, offline)")
+    a("--dataset", help=f"one of {', '.join(data.DATASETS)}, or text (UTF-8 files; --model <scheme>-lm-tiny|small|base) (default: digits, offline)")
     a("--data-dir", help="where the dataset lives (CIFAR archive, stl10_binary, or image-folder root)")
     a("--download", action="store_true", help="fetch CIFAR archives from their official address")
     a("--model", help=f"a Table 1 name (default: hamiltonian-74): {', '.join(MODELS)}")

@@ -206,3 +206,10 @@ def test_ddp_gloo_gradients_equal_single_process(tmp_path):
     F.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten()).backward()
     for p, g in zip(model.parameters(), torch.load(tmp_path / "g.pt")):
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_model_gives_the_same_gradients():
+    """torch.compile's graph capture (aot_eager: no kernel generation, seconds) through the engine."""
+    model, x = tiny("leapfrog", depth=1), tokens()
+    want = _grads(model, x)[1]
+    torch.testing.assert_close(_grads(torch.compile(model, backend="aot_eager"), x)[1], want, rtol=1e-12, atol=0)
