@@ -93,7 +93,8 @@ def measure_interleaved(name: str, modes: list[str], batch: int, size: int, devi
     """Step time of several modes of one model, their steps interleaved in one process.
 
     On a shared machine the load changes from second to second; alternating the modes step by
-    step gives each the same conditions, so their ratio is fair. Per mode: median ms, gradient
+    step gives each the same conditions, so their ratio is fair. On a CPU the time is the
+    process's CPU time, which other processes' load disturbs far less than wall-clock time. Per mode: median ms, gradient
     error against a float64 plain-autograd reference, and on a GPU the step's peak allocator
     memory above what was held before it (CPU peak memory needs a process per mode:
     memory_vs_depth.py).
@@ -104,6 +105,7 @@ def measure_interleaved(name: str, modes: list[str], batch: int, size: int, devi
     models = {mode: build(name, mode, **overrides).to(device) for mode in modes}
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    clock = time.perf_counter if cuda else time.process_time  # CPU: the process's CPU time (load-robust)
     times, peaks = {m: [] for m in modes}, {m: 0.0 for m in modes}
     for i in range(repeats + 1):
         for mode, model in models.items():
@@ -112,11 +114,11 @@ def measure_interleaved(name: str, modes: list[str], batch: int, size: int, devi
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-            t = time.perf_counter()
+            t = clock()
             train_step(model, x, y, amp)
             sync()
             if i:  # the first round warms up
-                times[mode].append(time.perf_counter() - t)
+                times[mode].append(clock() - t)
             if cuda:
                 peaks[mode] = max(peaks[mode], (torch.cuda.max_memory_allocated() - base) / 2**20)
     ref = build(name, "plain", torch.float64, **overrides).to(device)  # same seed: same weights

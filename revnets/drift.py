@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import exact as fixed_point
-from .engine import _frozen_running_stats, invert, relative_error, sequential
+from .engine import _cuda_devices, _frozen_running_stats, relative_error, segment_error, sequential
 from .networks import Network, ReversibleUnit
 
 
@@ -26,13 +26,14 @@ def reversal_error(model: Network, x: Tensor) -> dict[str, float]:
     """Relative error of rebuilding each reversible unit's chain input after one forward on `x`.
 
     `x`: the network's input (N, C, H, W). Returns {"unit0": e0, ...}, keyed by the unit's index in
-    `model.units` (non-reversible units, as in ResNet, have no key). Runs the model in its current
-    mode (train mode normalises with batch statistics) without updating BatchNorm running
-    statistics, and without building a graph.
+    `model.units` (non-reversible units, as in ResNet, have no key); `engine.segment_error` of each
+    chain, so random numbers are replayed as in the backward. Runs the model in its current mode
+    (train mode normalises with batch statistics) without updating BatchNorm running statistics,
+    without building a graph and without moving the caller's random-number stream.
     """
     model.check_input(x)
     errors = {}
-    with _frozen_running_stats([model]):
+    with _frozen_running_stats([model]), torch.random.fork_rng(_cuda_devices(x.device)):
         x = model.stem(x).to(model.head.weight.dtype)
         for i, unit in enumerate(model.units):
             if not isinstance(unit, ReversibleUnit):
@@ -45,8 +46,8 @@ def reversal_error(model: Network, x: Tensor) -> dict[str, float]:
                 errors[f"unit{i}"] = relative_error(fixed_point.invert_int(unit.blocks, *q_out, a.dtype), q)
                 out = [fixed_point.dequantize(t, a.dtype) for t in q_out]
             else:
+                errors[f"unit{i}"] = segment_error(unit.blocks, a, b)
                 out = sequential(unit.blocks, a, b)
-                errors[f"unit{i}"] = relative_error(invert(unit.blocks, *out), (a, b))
             x = unit.block.merge(*out)
     return errors
 

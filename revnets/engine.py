@@ -10,12 +10,29 @@ both the coupling's input a = s (c - u(b)) and the graph to back-propagate throu
 So each residual function runs once forward and once more in the backward: the cost floor of
 recomputation (about 4/3 of a plain training step).
 
-Correctness details other libraries miss:
-  * the backward replays the forward's autocast state, so bf16/fp16 recomputation is identical;
-  * BatchNorm running statistics are updated by the forward only, never by the recomputation;
-  * the chain's exact input is kept and used for the first coupling, so a zero-padded input
-    (ReLU at its kink) gets the same derivative as plain autograd;
-  * parameter gradients are returned through the autograd.Function (computed with
+What the engine guarantees: the gradients of the forward that ran, as plain autograd computes
+them (float64 to 1e-9), or an error.
+  * The recomputation replays what the forward read besides the weights: the autocast state, the
+    random numbers (the default CPU generator's state, and the CUDA one's for CUDA inputs, before
+    every coupling, as `torch.utils.checkpoint`'s `preserve_rng_state`: dropout, RReLU and noise
+    repeat exactly), every module's training mode and each block's number-valued attributes
+    (`h`, ...), all as they were at forward time. A chain that draws no random numbers pays one
+    state copy per coupling (about 1 us) and no replay.
+  * A parameter modified in place between forward and backward raises autograd's own error
+    (version counters), as plain autograd does.
+  * BatchNorm running statistics are updated by the forward only, never by the recomputation.
+  * The chain's exact input is kept and used for the first coupling, so a zero-padded input
+    (ReLU at its kink) gets the same derivative as plain autograd.
+  * `create_graph=True` (gradient penalties, double backprop): the backward then recomputes the
+    segment from its kept input with a graph and back-propagates through that, so higher-order
+    gradients are plain autograd's. That backward holds one segment's activations while it runs.
+  * The first backward of every chain compares the input it rebuilt with the kept one and warns
+    (UserWarning, once per chain) when the relative error exceeds the square root of the compute
+    precision's machine epsilon (3.5e-4 in float32, 0.088 under bf16 autocast): such a chain's
+    gradients are unreliable (a large h, an unstable scheme); the remedies are a smaller h,
+    `segment=k` or exact reversal. Later steps cost nothing; `revnets train --drift-every K`
+    (`DriftMonitor`) keeps measuring.
+  * Parameter gradients are returned through the autograd.Function (computed with
     `torch.autograd.grad`), so DistributedDataParallel sees each parameter ready exactly once.
 
 Segment storage bounds the drift of floating-point reversal. With `segment=k` the engine keeps
@@ -26,16 +43,18 @@ error on the current batch stays under a tolerance, and `AutoSegment` does it pe
 during training (a unit's `segment="auto"`).
 """
 import math
+import warnings
+import weakref
 from contextlib import contextmanager
-from typing import Iterator, NamedTuple, Sequence
+from typing import Callable, ContextManager, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from .blocks import ReversibleBlock
+from .blocks import Coupling, ReversibleBlock
 
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
+Steps = list[tuple[Coupling, tuple[int, ...]]]
 
 
 def sequential(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -46,33 +65,42 @@ def sequential(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor) -> tuple
 
 
 def invert(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Rebuild the chain's input from its output with the blocks' exact inverses."""
+    """Rebuild the chain's input from its output with the blocks' exact inverses (deterministic
+    blocks; `segment_error` also replays random numbers)."""
     for block in reversed(blocks):
         a, b = block.inverse(a, b)
     return a, b
 
 
+def _inverse(steps: Steps, a: Tensor, b: Tensor, before: Callable[[int], None]) -> tuple[Tensor, Tensor]:
+    """Invert the couplings of `steps` from the last, calling `before(k)` ahead of coupling k."""
+    for k in reversed(range(len(steps))):
+        before(k)
+        a, b = steps[k][0].invert(a, b)
+    return a, b
+
+
 def reversible(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor,
-               segment: int | float | None = None) -> tuple[Tensor, Tensor]:
+               segment: int | float | None = None, name: str = "reversible chain") -> tuple[Tensor, Tensor]:
     """Run `blocks` on the state (a, b), back-propagating by exact inversion.
 
     `segment`: None or math.inf reverses the whole chain (memory O(1) in depth); an integer k >= 1
     keeps the state every k blocks and reverses only within those segments (memory O(N / k)).
-    Gives the same values and gradients as `sequential` up to reversal drift; every block must
-    be deterministic.
+    Gives the same values and gradients as `sequential` up to reversal drift (module docstring:
+    what is replayed, what raises). `name` names the chain in the drift warning.
     """
     k = _segment_length(segment, len(blocks))
     for start in range(0, len(blocks), k):
-        a, b = _reversible_segment(blocks[start:start + k], a, b)
+        chunk = blocks[start:start + k]
+        a, b = _reversible_segment(chunk, a, b, f"{name} (blocks {start}-{start + len(chunk) - 1})")
     return a, b
 
 
-def _reversible_segment(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+def _reversible_segment(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor, name: str) -> tuple[Tensor, Tensor]:
     params, layout = _parameters(blocks)
     if not blocks or not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or params)):
         return sequential(blocks, a, b)
-    _check_deterministic(blocks)
-    return _Reversible.apply(tuple(blocks), layout, a, b, *params)
+    return _Reversible.apply(tuple(blocks), layout, name, a, b, *params)
 
 
 def _segment_length(segment: int | float | None, n: int) -> int:
@@ -89,14 +117,16 @@ def segment_error(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor,
                   segment: int | float | None = None) -> float:
     """The worst relative error ||rebuilt - stored|| / ||stored|| of a segment's input state, rebuilt
     by inverting the segment from its stored output, over the segments of `reversible(...,
-    segment)` on the state (a, b). NaN counts as infinity. BatchNorm running statistics untouched."""
+    segment)` on the state (a, b). NaN counts as infinity. Random numbers are replayed as in the
+    backward; BatchNorm running statistics and the caller's random-number stream are untouched."""
     k = _segment_length(segment, len(blocks))
     worst = 0.0
-    with _frozen_running_stats(blocks):
+    with _frozen_running_stats(blocks), torch.random.fork_rng(_cuda_devices(a.device)):
         for start in range(0, len(blocks), k):
-            chunk = blocks[start:start + k]
-            out = sequential(chunk, a, b)
-            error = relative_error(invert(chunk, *out), (a, b))
+            steps = _steps(blocks[start:start + k], None)
+            replay = _Replay(blocks[start:start + k], a.device)
+            out = replay.forward(steps, a, b)
+            error = relative_error(_inverse(steps, *out, replay.seed), (a, b))
             worst = max(worst, math.inf if math.isnan(error) else error)
             a, b = out
     return worst
@@ -148,37 +178,135 @@ class AutoSegment:
         return self.choice.k if self.choice else None
 
 
+class _Replay:
+    """What a chain's recomputation must repeat of its forward: the autocast state, the training
+    mode of every module, each block's number-valued attributes (h, ...) and the random-number
+    state before every coupling (kept only when the forward drew random numbers).
+
+    In the forward, `record(k)` before coupling k and `done()` after the last; in the backward,
+    `with replay():` restores the forward's settings (and afterwards the caller's, random-number
+    stream included), and `seed(k)` sets the generators as they were before coupling k.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], device: torch.device):
+        self.device, self.autocast = device, _autocast_state(device.type)
+        distinct = dict.fromkeys(blocks)
+        modules = [m for block in distinct for m in block.modules()]
+        self.settings = _settings(distinct, modules)
+        self.norms = _tracking_norms(modules)  # the modes are replayed, so these are the backward's too
+        self.rng: list | None = []
+
+    def record(self, k: int) -> None:
+        self.rng.append(_rng_state(self.device))
+
+    def done(self) -> None:
+        if not self.rng or _same_state(self.rng[0], _rng_state(self.device)):
+            self.rng = None  # no random numbers drawn: nothing to replay
+
+    def seed(self, k: int) -> None:
+        if self.rng is not None:
+            cpu, cuda = self.rng[k]
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, self.device)
+
+    def forward(self, steps: Steps, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """The float couplings on (a, b), recorded."""
+        a, b = _run(steps, a, b, self.record)
+        self.done()
+        return a, b
+
+    def rerun(self, steps: Steps, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """The float couplings on (a, b) with the recorded random numbers."""
+        return _run(steps, a, b, self.seed)
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with torch.autocast(**self.autocast), _replayed(self.settings), _frozen(self.norms), \
+                torch.random.fork_rng(_cuda_devices(self.device), enabled=self.rng is not None):
+            yield
+
+
+def _run(steps: Steps, a: Tensor, b: Tensor, before: Callable[[int], None]) -> tuple[Tensor, Tensor]:
+    """The couplings of `steps` on (a, b) in float, calling `before(k)` ahead of coupling k."""
+    for k, (coupling, _) in enumerate(steps):
+        before(k)
+        a, b = coupling(a, b)
+    return a, b
+
+
 class _Reversible(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, blocks, layout, a, b, *params):
-        ctx.blocks, ctx.layout, ctx.params = blocks, layout, params
-        ctx.autocast = _autocast_state(a.device.type)
-        x, y = sequential(blocks, a, b)
-        ctx.save_for_backward(a, b, x, y)
+    def forward(ctx, blocks, layout, name, a, b, *params):
+        ctx.steps, ctx.params, ctx.name, ctx.first = _steps(blocks, layout), params, name, blocks[0]
+        ctx.replay = _Replay(blocks, a.device)
+        x, y = ctx.replay.forward(ctx.steps, a, b)
+        ctx.save_for_backward(a, b, x, y, *params)  # unpacking checks the version counters
         return x, y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_x, grad_y):
-        a0, b0, p, q = ctx.saved_tensors
-        grads = [None] * len(ctx.params)
-        steps = _steps(ctx.blocks, ctx.layout)
-        with torch.autocast(**ctx.autocast), _frozen_running_stats(ctx.blocks):
-            for k in reversed(range(len(steps))):
-                coupling, ix = steps[k]
-                b = (b0 if k == 0 else p).detach().requires_grad_()  # the first input is kept exactly
-                u, grad_x, grad_y = _coupling_backward(coupling, b, ctx.params, ix, grads, grad_x, grad_y)
-                if k > 0:
-                    p, q = (q - u if coupling.sign > 0 else u - q), b.detach()
-        return None, None, grad_x, grad_y, *grads
+        a, b, x, y, *_ = ctx.saved_tensors  # raises if a parameter was modified in place since
+        with ctx.replay():
+            if torch.is_grad_enabled():  # create_graph=True
+                grads = _recompute_backward(ctx.replay.rerun, ctx.steps, a, b, ctx.params, grad_x, grad_y)
+            else:
+                grads = _reverse_backward(ctx, a, b, x, y, grad_x, grad_y)
+        return None, None, None, *grads
 
 
-def _steps(blocks: Sequence[ReversibleBlock], layout: tuple[tuple[int, ...], ...]) -> list:
+def _reverse_backward(ctx, a0: Tensor, b0: Tensor, p: Tensor, q: Tensor, grad_x: Tensor, grad_y: Tensor) -> list:
+    """The memory-efficient backward: rebuild each coupling's input from its output while
+    back-propagating through it; the first coupling runs at the kept input b0."""
+    grads = [None] * len(ctx.params)
+    for k in reversed(range(len(ctx.steps))):
+        coupling, ix = ctx.steps[k]
+        b = (b0 if k == 0 else p).detach().requires_grad_()
+        ctx.replay.seed(k)
+        u, grad_x, grad_y = _coupling_backward(coupling, b, ctx.params, ix, grads, grad_x, grad_y)
+        if k > 0:
+            p, q = coupling.unstep(q, u), b.detach()
+    if ctx.first not in _CHECKED:  # (unstep(q, u), p) is the rebuilt input
+        _CHECKED.add(ctx.first)
+        _warn_on_drift(ctx.name, (coupling.unstep(q, u), p), (a0, b0), ctx.replay.autocast)
+    return [grad_x, grad_y, *grads]
+
+
+def _recompute_backward(run: Callable, steps: Steps, a: Tensor, b: Tensor, params, grad_x: Tensor,
+                        grad_y: Tensor) -> list:
+    """Back-propagate (dL/dx, dL/dy) through a differentiable recomputation `run(steps, a, b)` of the
+    chain from its kept input, so that the gradients have a graph (`create_graph=True`). Returns
+    the gradients for (a, b, *params), None where one needs none."""
+    a, b = (t.view_as(t) if t.requires_grad else t for t in (a, b))  # one node per input, even if a is b
+    x, y = run(steps, a, b)
+    inputs = (a, b, *params)
+    wrt = [t for t in inputs if t.requires_grad]
+    found = iter(torch.autograd.grad((x, y), wrt, (grad_x, grad_y), create_graph=True, allow_unused=True))
+    return [next(found) if t.requires_grad else None for t in inputs]
+
+
+# The first block of every chain whose first backward has compared its rebuilt input.
+_CHECKED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _warn_on_drift(name: str, rebuilt: tuple[Tensor, Tensor], kept: tuple[Tensor, Tensor], autocast: dict) -> None:
+    dtype = autocast["dtype"] if autocast["enabled"] else kept[0].dtype
+    tol = torch.finfo(dtype).eps ** 0.5
+    error = relative_error(rebuilt, kept)
+    if not error <= tol:  # NaN too
+        warnings.warn(f"{name}: the backward rebuilt its input with relative error {error:.3g} (above "
+                      f"{tol:.2g}, the square root of {dtype}'s epsilon), so its gradients are unreliable; "
+                      "use a smaller h, segment=k (store the state every k blocks) or exact=True "
+                      "(bit-exact fixed-point reversal)", UserWarning, stacklevel=2)
+
+
+def _steps(blocks: Sequence[ReversibleBlock], layout: tuple[tuple[int, ...], ...] | None) -> Steps:
     """The chain's couplings in order, each with the parameter indices of its block."""
+    layout = layout if layout is not None else [()] * len(blocks)
     return [(c, ix) for block, ix in zip(blocks, layout) for c in block.couplings()]
 
 
-def _coupling_backward(coupling, b: Tensor, params, ix, grads: list, grad_x: Tensor, grad_y: Tensor):
+def _coupling_backward(coupling: Coupling, b: Tensor, params, ix, grads: list, grad_x: Tensor, grad_y: Tensor):
     """Back-propagate through one coupling (a, b) -> (x, y) = (b, s a + u(b)) at its input b (a leaf
     that requires grad): returns u(b) and (dL/da, dL/db) from (dL/dx, dL/dy) and adds
     dL/dθ = (du/dθ)^T dL/dy into `grads`."""
@@ -223,19 +351,53 @@ def _autocast_state(device_type: str) -> dict:
                 dtype=torch.get_autocast_dtype(device_type))
 
 
-def _check_deterministic(blocks: Sequence[nn.Module]) -> None:
-    for block in dict.fromkeys(blocks):  # each distinct block once
-        for m in block.modules():
-            if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
-                raise ValueError(f"reversible blocks must be deterministic: {type(m).__name__} in "
-                                 f"{type(block).__name__} would draw new noise when it is recomputed")
+def _cuda_devices(device: torch.device) -> list:
+    return [device] if device.type == "cuda" else []
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The default CPU generator's state, and the CUDA generator's of `device` when it is a GPU."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _same_state(s: tuple, t: tuple) -> bool:
+    return all(u is None or torch.equal(u, v) for u, v in zip(s, t))
+
+
+def _settings(blocks, modules: list[nn.Module]) -> list[tuple[nn.Module, str, object]]:
+    """(module, attribute, value) of what a recomputation reads besides tensors: the training mode
+    of every module (`modules`: all of the blocks' submodules) and each block's own number-valued
+    attributes (h, ...)."""
+    modes = [(m, "training", m.training) for m in modules]
+    numbers = [(block, k, v) for block in blocks for k, v in vars(block).items()
+               if k != "training" and isinstance(v, (int, float))]
+    return modes + numbers
 
 
 @contextmanager
-def _frozen_running_stats(blocks: Sequence[nn.Module]) -> Iterator[None]:
+def _replayed(settings: list[tuple[nn.Module, str, object]]) -> Iterator[None]:
+    """Set the recorded attributes back to their forward-time values, and restore them after."""
+    changed = [(m, k, v, getattr(m, k)) for m, k, v in settings if getattr(m, k) is not v]
+    for m, k, v, _ in changed:
+        setattr(m, k, v)
+    try:
+        yield
+    finally:
+        for m, k, _, now in changed:
+            setattr(m, k, now)
+
+
+def _frozen_running_stats(blocks: Sequence[nn.Module]) -> ContextManager[None]:
     """Normalise recomputations with batch statistics without updating the running ones."""
-    norms = [m for block in dict.fromkeys(blocks) for m in block.modules()
-             if isinstance(m, _NORMS) and m.training and m.track_running_stats]
+    return _frozen(_tracking_norms([m for block in dict.fromkeys(blocks) for m in block.modules()]))
+
+
+def _tracking_norms(modules: list[nn.Module]) -> list[nn.Module]:
+    return [m for m in modules if isinstance(m, _NORMS) and m.training and m.track_running_stats]
+
+
+@contextmanager
+def _frozen(norms: list[nn.Module]) -> Iterator[None]:
     for m in norms:
         m.track_running_stats = False
     try:

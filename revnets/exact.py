@@ -8,7 +8,7 @@ coupling (a, b) -> (b, s a + u(b)) becomes
 the increment computed in floating point from the integer state alone. Its inverse
 q_a = s (q_c - round(u(q_b * 2^-f) * 2^f)) recomputes the identical integer, so the chain's input is
 rebuilt bit for bit at any depth: no drift, no stored segments, memory O(1) in depth (the output's
-two int64 tensors).
+two int64 tensors and the input state).
 
 Precision and range (f = 32 by default): resolution 2^-32 ~ 2.3e-10, range |x| < 2^(62 - f) = 2^30
 ~ 1.07e9 for every state and increment (so that q_a + increment never overflows int64); a forward
@@ -21,15 +21,13 @@ with the roundings taken as identities, which `sequential` computes with plain a
 Use: `reversible(blocks, a, b)` like `revnets.engine.reversible`, or
 `build_model(..., exact=True)` for networks whose units run this way.
 """
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .blocks import ReversibleBlock
-from .engine import (_autocast_state, _check_deterministic, _coupling_backward, _frozen_running_stats,
-                     _parameters, _steps)
+from .engine import Steps, _coupling_backward, _parameters, _recompute_backward, _Replay, _steps
 
 FRAC_BITS = 32
 
@@ -50,14 +48,19 @@ def forward_int(blocks: Sequence[ReversibleBlock], qa: Tensor, qb: Tensor, dtype
 
     Raises ValueError when a state or increment leaves the range |x| < 2^(62 - f).
     """
+    return _forward_int(_steps(blocks, None), qa, qb, dtype, frac_bits, lambda k: None)
+
+
+def _forward_int(steps: Steps, qa: Tensor, qb: Tensor, dtype: torch.dtype, frac_bits: int,
+                 before: Callable[[int], None]) -> tuple[Tensor, Tensor]:
     _check_frac_bits(frac_bits)
     peak = dequantize(qa, torch.float32, frac_bits).abs().amax()
-    for block in blocks:
-        for coupling in block.couplings():
-            b = dequantize(qb, dtype, frac_bits)
-            u = coupling.update(b)
-            peak = torch.maximum(peak, torch.maximum(b.abs(), u.abs()).amax())  # NaN and inf propagate
-            qa, qb = qb, (qa if coupling.sign > 0 else -qa) + quantize(u, frac_bits)
+    for k, (coupling, _) in enumerate(steps):
+        before(k)
+        b = dequantize(qb, dtype, frac_bits)
+        u = coupling.update(b)
+        peak = torch.maximum(peak, torch.maximum(b.abs(), u.abs()).amax())  # NaN and inf propagate
+        qa, qb = qb, coupling.step(qa, quantize(u, frac_bits))
     _check_range(torch.maximum(peak, dequantize(qb, torch.float32, frac_bits).abs().amax()), frac_bits)
     return qa, qb
 
@@ -68,7 +71,7 @@ def invert_int(blocks: Sequence[ReversibleBlock], qa: Tensor, qb: Tensor, dtype:
     for block in reversed(blocks):
         for coupling in reversed(block.couplings()):
             inc = quantize(coupling.update(dequantize(qa, dtype, frac_bits)), frac_bits)
-            qa, qb = (qb - inc if coupling.sign > 0 else inc - qb), qa
+            qa, qb = coupling.unstep(qb, inc), qa
     return qa, qb
 
 
@@ -76,51 +79,69 @@ def reversible(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor,
                frac_bits: int = FRAC_BITS) -> tuple[Tensor, Tensor]:
     """The fixed-point chain on the float state (a, b), back-propagated by exact integer reversal.
 
-    Returns the output state in a's dtype; keeps only the output's integers for the backward.
+    Returns the output state in a's dtype; keeps the output's integers and the input (a, b) for
+    the backward. Replays what `revnets.engine` replays (random numbers, autocast, training modes,
+    h); `create_graph=True` back-propagates through a differentiable recomputation (`sequential`)
+    from the kept input.
     """
     params, layout = _parameters(blocks)
     if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or params)):
         qx, qy = forward_int(blocks, quantize(a, frac_bits), quantize(b, frac_bits), a.dtype, frac_bits)
         return dequantize(qx, a.dtype, frac_bits), dequantize(qy, a.dtype, frac_bits)
-    _check_deterministic(blocks)
     return _ExactReversible.apply(tuple(blocks), layout, frac_bits, a, b, *params)
 
 
 class _ExactReversible(torch.autograd.Function):
     @staticmethod
     def forward(ctx, blocks, layout, frac_bits, a, b, *params):
-        ctx.blocks, ctx.layout, ctx.params, ctx.frac_bits, ctx.dtype = blocks, layout, params, frac_bits, a.dtype
-        ctx.autocast = _autocast_state(a.device.type)
-        qx, qy = forward_int(blocks, quantize(a, frac_bits), quantize(b, frac_bits), a.dtype, frac_bits)
-        ctx.save_for_backward(qx, qy)
+        ctx.steps, ctx.params, ctx.frac_bits, ctx.dtype = _steps(blocks, layout), params, frac_bits, a.dtype
+        ctx.replay = _Replay(blocks, a.device)
+        qx, qy = _forward_int(ctx.steps, quantize(a, frac_bits), quantize(b, frac_bits), a.dtype, frac_bits,
+                              ctx.replay.record)
+        ctx.replay.done()
+        ctx.save_for_backward(a, b, qx, qy, *params)  # unpacking checks the version counters
         return dequantize(qx, a.dtype, frac_bits), dequantize(qy, a.dtype, frac_bits)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_x, grad_y):
-        qp, qq = ctx.saved_tensors
-        grads = [None] * len(ctx.params)
-        with torch.autocast(**ctx.autocast), _frozen_running_stats(ctx.blocks):
-            for coupling, ix in reversed(_steps(ctx.blocks, ctx.layout)):
-                b = dequantize(qp, ctx.dtype, ctx.frac_bits).requires_grad_()
-                u, grad_x, grad_y = _coupling_backward(coupling, b, ctx.params, ix, grads, grad_x, grad_y)
-                inc = quantize(u, ctx.frac_bits)
-                qp, qq = (qq - inc if coupling.sign > 0 else inc - qq), qp
-        return None, None, None, grad_x, grad_y, *grads
+        a, b, qp, qq, *_ = ctx.saved_tensors
+        with ctx.replay():
+            if torch.is_grad_enabled():  # create_graph=True
+                def rerun(steps, a, b):
+                    return _sequential(steps, a, b, ctx.frac_bits, ctx.replay.seed)
+                grads = _recompute_backward(rerun, ctx.steps, a, b, ctx.params, grad_x, grad_y)
+            else:
+                grads = _reverse_backward(ctx, qp, qq, grad_x, grad_y)
+        return None, None, None, *grads
+
+
+def _reverse_backward(ctx, qp: Tensor, qq: Tensor, grad_x: Tensor, grad_y: Tensor) -> list:
+    grads = [None] * len(ctx.params)
+    for k in reversed(range(len(ctx.steps))):
+        coupling, ix = ctx.steps[k]
+        b = dequantize(qp, ctx.dtype, ctx.frac_bits).requires_grad_()
+        ctx.replay.seed(k)
+        u, grad_x, grad_y = _coupling_backward(coupling, b, ctx.params, ix, grads, grad_x, grad_y)
+        qp, qq = coupling.unstep(qq, quantize(u, ctx.frac_bits)), qp
+    return [grad_x, grad_y, *grads]
 
 
 def sequential(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor,
                frac_bits: int = FRAC_BITS) -> tuple[Tensor, Tensor]:
     """Plain autograd on the same fixed-point forward: values bit-identical to `reversible`'s,
     every rounding straight-through. Keeps every activation (the reference for tests)."""
+    return _sequential(_steps(blocks, None), a, b, frac_bits, lambda k: None)
+
+
+def _sequential(steps: Steps, a: Tensor, b: Tensor, frac_bits: int, before: Callable[[int], None]):
     _check_frac_bits(frac_bits)
     qa, qb = quantize(a, frac_bits), quantize(b, frac_bits)
     a, b = _straight_through(a, qa, frac_bits), _straight_through(b, qb, frac_bits)
-    for block in blocks:
-        for coupling in block.couplings():
-            u = coupling.update(b)
-            qa, qb = qb, (qa if coupling.sign > 0 else -qa) + quantize(u.detach(), frac_bits)
-            a, b = b, _straight_through((a + u if coupling.sign > 0 else u - a), qb, frac_bits)
+    for k, (coupling, _) in enumerate(steps):
+        before(k)
+        u = coupling.update(b)
+        qa, qb = qb, coupling.step(qa, quantize(u.detach(), frac_bits))
+        a, b = b, _straight_through(coupling.step(a, u), qb, frac_bits)
     return a, b
 
 

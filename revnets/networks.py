@@ -43,6 +43,7 @@ class ReversibleUnit(nn.Module):
         if exact and segment is not None:
             raise ValueError(f"exact reversal stores no segments; got exact=True with segment={segment!r}")
         self.exact = bool(exact)
+        self.name = "reversible unit"  # what the engine's drift warning calls it; Network sets "units[i]"
         self.entry = block.entry(c_in, c, **kw)
         self.blocks = nn.ModuleList(block(c, **kw) for _ in range(n - 1))
 
@@ -65,7 +66,7 @@ class ReversibleUnit(nn.Module):
             out = sequential(self.blocks, a, b)
         else:
             segment = self.segment(self.blocks, a, b) if isinstance(self.segment, AutoSegment) else self.segment
-            out = reversible(self.blocks, a, b, segment)
+            out = reversible(self.blocks, a, b, segment, name=self.name)
         return self.block.merge(*out)
 
 
@@ -99,6 +100,9 @@ class Network(nn.Module):
         self.units = nn.ModuleList(
             make(c_in, c, n, pool=i > 0, memory_efficient=memory_efficient, **kw)
             for i, (c_in, c, n) in enumerate(zip((channels[0], *channels), channels, units)))
+        for i, unit in enumerate(self.units):
+            if isinstance(unit, ReversibleUnit):
+                unit.name = f"units[{i}]"
         # ResNet's blocks end in s(); the reversible states leave the last unit un-normalised.
         self.final = nn.Identity() if scheme == "resnet" else nn.Sequential(nn.BatchNorm2d(channels[-1]), act())
         self.head = nn.Linear(channels[-1], num_classes)

@@ -75,7 +75,7 @@ def test_monitor_counts_a_nan_error_as_above_threshold():
     model = build_model("hamiltonian-74", **SMALL)
     with torch.no_grad():
         next(model.units[0].blocks[0].parameters()).fill_(float("nan"))
-    with pytest.warns(RuntimeWarning, match="unit0=nan"):
+    with pytest.warns(RuntimeWarning, match="unit0=inf"):
         DriftMonitor(every=1, threshold=1.0).step(model, torch.randn(2, 3, 8, 8), step=0)
 
 
