@@ -10,9 +10,9 @@ validation bits per character every STEPS / 10 steps on the first 8,192 held-out
 in a fresh process per configuration, one training step at depths 6, 24 and 96 (batch 32): bytes
 of the activations autograd saves (saved_tensors_hooks) and the peak of the process's resident
 memory during the step above its resident memory before it (Linux VmHWM, reset through
-/proc/self/clear_refs), with glibc's default malloc and with a fixed mmap threshold; and the step time of each scheme against `residual` at depth 24 (steps
-interleaved, median). Writes docs/figures/transformers.json and
-docs/figures/transformers-bpc.png and prints the tables.
+/proc/self/clear_refs), with glibc's default malloc and with a fixed mmap threshold; and the
+step time of each scheme against `residual` at depth 24 (steps interleaved, median). Writes
+docs/figures/transformers.json and docs/figures/transformers-bpc.png and prints the tables.
 """
 import argparse
 import json

@@ -203,15 +203,21 @@ class Run:
             state["scaler"] = self.scaler.state_dict()
         return state
 
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's share of global batch `step`: a function of (seed, step, rank) only."""
+        c = self.config
+        gen = torch.Generator().manual_seed((c.seed * 1_000_003 + step) * self.world + self.rank)
+        x, y = text.batch(self.data.train, self.net.context, c.batch_size // self.world, gen)
+        return x.to(self.device), y.to(self.device)
+
     def train_epoch(self, epoch: int) -> dict:
         """--steps-per-epoch steps; train loss (nats per token, over all processes), lr, tokens/s."""
         c, n = self.config, self.config.steps_per_epoch
         self.model.train()
-        loss_sum, lr, t0 = torch.zeros((), dtype=torch.float64, device=self.device), self.sched.get_last_lr()[0], time.perf_counter()
-        for i in range(n):
-            step = epoch * n + i
-            gen = torch.Generator().manual_seed((c.seed * 1_000_003 + step) * self.world + self.rank)
-            x, y = (t.to(self.device) for t in text.batch(self.data.train, self.net.context, c.batch_size // self.world, gen))
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        lr, t0 = self.sched.get_last_lr()[0], time.perf_counter()
+        for step in range(epoch * n, (epoch + 1) * n):
+            x, y = self.batch(step)
             with autocast(self.device, c.amp):
                 loss = F.cross_entropy(self.model(x).flatten(0, 1).float(), y.flatten())
             self.opt.zero_grad(set_to_none=True)
@@ -222,11 +228,12 @@ class Run:
             loss_sum += loss.detach().double()
         loss_sum, = all_reduce(loss_sum[None], self.world)  # one host sync per epoch, none per step
         if not math.isfinite(loss_sum):
-            raise NonFiniteLoss(f"non-finite training loss in epoch {epoch + 1}; {self.out}/last.pt keeps epoch "
-                                f"{epoch} (the last finite state): continue with --resume {self.out} after lowering --lr")
-        tokens = n * c.batch_size * x.shape[1]
-        return dict(train_loss=loss_sum / (n * self.world), lr=lr, tokens_per_s=tokens / (time.perf_counter() - t0),
-                    step=(epoch + 1) * n)
+            kept = f"{self.out}/last.pt keeps epoch {epoch}" if epoch else "nothing was written"
+            raise NonFiniteLoss(f"non-finite training loss in epoch {epoch + 1}; {kept}, the last finite state "
+                                "(a resume repeats the same steps: start a new run with a lower --lr)")
+        seconds = time.perf_counter() - t0
+        return dict(train_loss=loss_sum / (n * self.world), lr=lr, step=(epoch + 1) * n,
+                    tokens_per_s=n * c.batch_size * x.shape[1] / seconds)
 
     def validate(self) -> float:
         self.net.eval()
@@ -268,7 +275,8 @@ class Run:
         if self.best_epoch == row["epoch"]:
             checkpoint.save(self.out / "best.pt", state)
         print(f"epoch {row['epoch']}/{self.config.epochs}  train {row['train_loss']:.4f} nats/token  "
-              f"val {row['val_bpc']:.4f} bits/char  lr {row['lr']:.3g}  {row['tokens_per_s']:,.0f} tokens/s", flush=True)
+              f"val {row['val_bpc']:.4f} bits/char  lr {row['lr']:.3g}  {row['tokens_per_s']:,.0f} tokens/s",
+              flush=True)
 
     def _finish(self) -> dict:
         rows = self.metrics.read() if self.rank == 0 else []

@@ -49,7 +49,9 @@ class Vocabulary:
     def decode(self, ids: Tensor) -> str:
         """Text of (len,) token ids (byte level: invalid UTF-8, as from a cut sequence, becomes U+FFFD)."""
         ids = ids.tolist()
-        return bytes(ids).decode("utf-8", errors="replace") if self.level == "byte" else "".join(self.chars[i] for i in ids)
+        if self.level == "byte":
+            return bytes(ids).decode("utf-8", errors="replace")
+        return "".join(self.chars[i] for i in ids)
 
     def state(self) -> dict:
         """Plain values for a checkpoint; `Vocabulary(**state)` rebuilds it."""
