@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import revnets
 from revnets.drift import reversal_error
+from revnets.loop import train_step
 from common import markdown, record
 
 SCHEMES = {"hamiltonian": "hamiltonian-74", "midpoint": "midpoint-26", "leapfrog": "leapfrog-26",
@@ -131,9 +132,7 @@ def training_rows(epochs: int, seeds: list[int]) -> list[dict]:
             for _ in range(epochs):
                 model.train()
                 for idx in torch.randperm(len(ytr), generator=gen).split(64):
-                    opt.zero_grad()
-                    F.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
-                    opt.step()
+                    train_step(model, opt, xtr[idx], ytr[idx])  # revnets train's step
             seconds = (time.perf_counter() - t) / epochs
             model.eval()
             with torch.no_grad():

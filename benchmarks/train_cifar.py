@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from revnets import train
+from revnets import config, train
 from common import markdown, record
 
-COLUMNS = ["model", "params", "epochs", "batch", "test acc", "best acc", "images/s", "wall s", "peak MB"]
+COLUMNS = ["model", "params", "epochs", "batch", "test acc", "best-epoch test acc", "images/s", "wall s", "peak MB"]
 
 
 def main() -> None:
@@ -47,9 +47,9 @@ def main() -> None:
                 "--amp", args.amp or ("bf16" if on_gpu else "off"), "--device", args.device,
                 "--train-fraction", str(args.train_fraction), "--out", str(out / name)]
         argv += ["--channels-last"] * on_gpu + ["--compile"] * args.compile
-        s = train.train(train.parse_config(argv))
+        s = train.train(config.parse_config(argv))
         rows.append({"model": name, "params": f"{s['params'] / 1e6:.3f}M", "epochs": args.epochs,
-                     "batch": args.batch_size, "test acc": f"{s['final_acc']:.2%}", "best acc": f"{s['best_acc']:.2%}",
+                     "batch": args.batch_size, "test acc": f"{s['final_acc']:.2%}", "best-epoch test acc": f"{s['best_test_acc']:.2%}",
                      "images/s": f"{s['images_per_s']:,.0f}", "wall s": f"{s['wall_s']:.1f}",
                      "peak MB": f"{s['peak_mb']:,.0f}"})
     table = markdown(rows, COLUMNS)

@@ -1,4 +1,6 @@
 """revnets: stable reversible residual networks (Chang et al., AAAI 2018) in PyTorch."""
+__version__ = "0.1.0"  # before the imports: config (imported by inference) records it
+
 from .blocks import (AdditiveCoupling, BasicBlock, Coupling, HamiltonianBlock, LeapfrogBlock, MidPointBlock,
                      ReversibleBlock, RevNetBlock)
 from .networks import MODELS, Network, build_model, list_models
@@ -6,11 +8,11 @@ from .regularization import smoothness_penalty
 from .engine import invert, reversible, sequential
 from .drift import DriftMonitor, reversal_error
 from .multilevel import grow
+from .inference import Classifier, load
 from .transformer import LM_MODELS, ReversibleTransformer, build_lm
 from . import exact
 
-__version__ = "0.1.0"
 __all__ = ["AdditiveCoupling", "BasicBlock", "Coupling", "HamiltonianBlock", "LeapfrogBlock", "MidPointBlock",
            "ReversibleBlock", "RevNetBlock", "MODELS", "Network", "build_model", "list_models",
            "smoothness_penalty", "invert", "reversible", "sequential", "DriftMonitor", "reversal_error", "grow",
-           "exact", "LM_MODELS", "ReversibleTransformer", "build_lm"]
+           "exact", "Classifier", "load", "LM_MODELS", "ReversibleTransformer", "build_lm"]

@@ -2,43 +2,27 @@
 
 A checkpoint is a dict of tensors and plain Python values:
 
-    {"model": state_dict, "config": dict of train.Config, "epoch": completed epochs,
-     and, to resume: "optimizer", "scheduler", "rng", "best_acc" (and "scaler" with fp16)}
+    {"model": state_dict, "config": dict of config.Config, "epoch": completed epochs,
+     "meta": what inference needs (classes, input size, standardisation: `inference.metadata`),
+     and, to resume: "optimizer", "scheduler", "rng", "best_acc" and "best_epoch" (the best
+     epoch's validation accuracy, or test accuracy without a validation split; "scaler" with fp16)}
 
-`save` writes a temporary file next to the target, fsyncs it and renames it over the target, so a
-kill leaves either the old or the new checkpoint, never half of one. `load` unpickles with
+`save` writes through `files.atomic_write`, so a kill leaves either the old or the new checkpoint,
+never half of one. `load` unpickles with
 ``torch.load(weights_only=True)``: only tensors and containers of plain values are rebuilt, so a
 checkpoint from elsewhere cannot execute code.
 """
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .networks import NORMS, build_model
+from .config import growths, model_from_config
+from .files import atomic_write
 
 KEYS = ("model", "config", "epoch")
-
-
-def atomic_write(path: str | os.PathLike, write, text: bool = False) -> None:
-    """Call write(file) on a temporary file next to `path` (binary, or text with `text`), flush,
-    fsync, rename it over `path`: a kill leaves the old file or the new one, and a failure nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # readable like any data file (mkstemp makes it private)
-        with (os.fdopen(fd, "w", newline="") if text else os.fdopen(fd, "wb")) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def save(path: str | os.PathLike, obj: dict) -> None:
@@ -74,26 +58,9 @@ def _reason(e: Exception, marker: str = "") -> str:
     return text.strip().split(". ")[0].split("\n")[0].strip() or type(e).__name__
 
 
-def model_from_config(config: dict, num_classes: int, in_channels: int, grown: int = 0) -> nn.Module:
-    """The network a run with `config` trains (before its weights are loaded), after `grown` growths."""
-    overrides = {k: (tuple(config[k]) if k in ("units", "channels") else config[k])
-                 for k in ("units", "channels", "h", "exact") if config.get(k)}
-    if config.get("norm"):
-        overrides["norm"] = NORMS[config["norm"]]
-    if config.get("segment"):
-        overrides["segment"] = config["segment"] if config["segment"] == "auto" else int(config["segment"])
-    model = build_model(config["model"], num_classes=num_classes, in_channels=in_channels,
-                        memory_efficient=not config.get("plain", False), **overrides)
-    if grown:
-        from .multilevel import grow
-        for _ in range(grown):
-            model = grow(model)
-    return model
-
-
-def growths(config: dict, epoch: int) -> int:
-    """How many times a run has grown its network by the end of `epoch` completed epochs."""
-    return sum(g < epoch for g in config.get("grow_at") or ())
+def count_nonfinite(state: dict) -> int:
+    """How many entries of a state_dict's floating-point tensors are NaN or infinite."""
+    return sum(int((~torch.isfinite(t)).sum()) for t in state.values() if torch.is_floating_point(t))
 
 
 def load_state(model: nn.Module, state: dict, path: str | os.PathLike) -> None:
@@ -117,4 +84,12 @@ def load_model(path: str | os.PathLike, device="cpu") -> tuple[nn.Module, dict]:
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path} does not describe a revnets network (missing {e})") from None
     load_state(model, state, path)
+    check_finite(state, path)
     return model.to(device).eval(), config
+
+
+def check_finite(state: dict, path: str | os.PathLike) -> None:
+    """ValueError naming `path` if the state_dict `state` holds NaN or infinite weights."""
+    bad = count_nonfinite(state)
+    if bad:
+        raise ValueError(f"{path} holds {bad:,} non-finite weights (NaN or infinite): not a usable model")

@@ -1,4 +1,4 @@
-"""The `revnets` command: one subcommand per module (train, eval, models, plot, analyze, ...).
+"""The `revnets` command: one subcommand per module (train, eval, predict, models, plot, analyze, ...).
 
 Each command module defines `add_parser(subparsers)`, which registers its subcommand and sets
 `func(args) -> int` as the parser default. Bad arguments end with one clear line and exit code 2.
@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command_modules() -> list:
-    from . import evaluate, generate, plot, report, reproduce, train, zoo
-    return [zoo, plot, evaluate, reproduce, train, report, generate]
+    from . import evaluate, generate, plot, predict, report, reproduce, train, zoo
+    return [zoo, plot, evaluate, predict, reproduce, train, report, generate]
 
 
 def main(argv: list[str] | None = None) -> int:

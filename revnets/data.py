@@ -1,12 +1,18 @@
 """Datasets from their standard formats, class-stratified subsets, and a GPU-resident loader.
 
-Every reader returns uint8 images (N, C, H, W) and int64 labels (N,) on the CPU. `Loader` moves a
-split to the device once and augments there as in the paper (Section 4): zero padding (4 pixels,
-12 for STL-10), random crop, random horizontal flip, per-channel standardisation.
+Every reader returns uint8 images (N, C, H, W) and int64 labels (N,) on the CPU; train and test
+images must share their size and channels. `Loader` moves a split to the device once and augments
+there as in the paper (Section 4): zero padding (4 pixels, 12 for STL-10), random crop, random
+horizontal flip, per-channel standardisation.
+
+An image folder is decoded once (PNG and JPEG through Pillow; 16-bit images scaled to 8 bits, not
+clipped; a file that does not decode is refused, naming it) into a cache in `cache_dir()`, keyed
+by the folder's path, file names, sizes and modification times.
 """
 import hashlib
 import io
 import os
+import sys
 import pickle
 import tarfile
 import urllib.error
@@ -20,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpoint import atomic_write
+from .files import atomic_write
+from .progress import bar
 
 DATASETS = ("cifar10", "cifar100", "stl10", "folder", "digits")
 CIFAR = {  # name: (archive, extracted dir, train members, test member, meta member, label key, names key, MD5)
@@ -32,12 +39,14 @@ CIFAR = {  # name: (archive, extracted dir, train members, test member, meta mem
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
 STL10_FILES = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "class_names.txt")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L")  # 16 bits per pixel (Pillow reads 16-bit PNGs as these)
 
 
 @dataclass
 class Dataset:
-    """Images (N, C, H, W) uint8 and labels (N,) int64 of both splits; `padding` is the crop padding."""
+    """Images (N, C, H, W) uint8 and labels (N,) int64 of both splits; `padding` is the crop padding.
+    `val_x`, `val_y`: the validation images held out of the training split by `subsample`, if any."""
     name: str
     train_x: Tensor
     train_y: Tensor
@@ -45,26 +54,38 @@ class Dataset:
     test_y: Tensor
     classes: list[str]
     padding: int
+    val_x: Tensor | None = None
+    val_y: Tensor | None = None
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = False) -> Dataset:
-    """Read `name` (one of DATASETS) from `data_dir` (default ./data); `download` fetches CIFAR archives."""
+def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = False,
+                 train: bool = True) -> Dataset:
+    """Read `name` (one of DATASETS) from `data_dir` (default ./data); `download` fetches CIFAR archives.
+
+    train=False reads the test split only (the training split is then empty): what evaluating a
+    model that stores its standardisation needs.
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     if name == "digits":
-        return _digits()
+        return _digits(train)
     if name == "folder" and data_dir is None:
         raise ValueError("the folder dataset needs a data directory (ROOT/train/<class>/*.png|jpg, ROOT/test/...)")
     root = Path("data" if data_dir is None else data_dir).expanduser()
     if name == "folder":
-        return _folder(root)
+        return _folder(root, train)
     if name == "stl10":
-        return _stl10(root)
-    return _cifar(name, root, download)
+        return _stl10(root, train)
+    return _cifar(name, root, download, train)
 
 
 def _dataset(name, train, test, classes, padding) -> Dataset:
-    (train_x, train_y), (test_x, test_y) = train, test
+    """A Dataset of (x, y) numpy pairs; train=None gives an empty training split (test's image shape)."""
+    (test_x, test_y) = test
+    train_x, train_y = train if train is not None else (test_x[:0], test_y[:0])
+    if train_x.shape[1:] != test_x.shape[1:]:
+        raise ValueError(f"{name}: training images are {_shape(train_x)} but test images {_shape(test_x)}; "
+                         "both splits must share size and channels")
     return Dataset(name, torch.from_numpy(np.ascontiguousarray(train_x)), torch.as_tensor(train_y, dtype=torch.int64),
                    torch.from_numpy(np.ascontiguousarray(test_x)), torch.as_tensor(test_y, dtype=torch.int64),
                    list(classes), padding)
@@ -88,8 +109,9 @@ def _unpickle(raw: bytes) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
 
 
-def _cifar(name: str, root: Path, download: bool) -> Dataset:
+def _cifar(name: str, root: Path, download: bool, train: bool = True) -> Dataset:
     archive, folder, train_members, test_member, meta_member, label_key, names_key, md5 = CIFAR[name]
+    train_members = train_members if train else []
     members = [*train_members, test_member, meta_member]
     if (root / folder).is_dir():
         raw = {m: (root / folder / m).read_bytes() for m in members}
@@ -113,7 +135,11 @@ def _cifar(name: str, root: Path, download: bool) -> Dataset:
         x = np.concatenate([batches[m]["data"] for m in names]).reshape(-1, 3, 32, 32)
         return x, np.concatenate([batches[m][label_key] for m in names])
     classes = [c.decode() if isinstance(c, bytes) else c for c in batches[meta_member][names_key]]
-    return _dataset(name, split(train_members), split([test_member]), classes, padding=4)
+    return _dataset(name, split(train_members) if train else None, split([test_member]), classes, padding=4)
+
+
+def _shape(x: np.ndarray) -> str:
+    return f"{x.shape[3]}x{x.shape[2]} with {x.shape[1]} channel{'s' if x.shape[1] > 1 else ''}"
 
 
 def _download(url: str, path: Path, md5: str) -> None:
@@ -135,7 +161,7 @@ def _download(url: str, path: Path, md5: str) -> None:
 
 # ---- STL-10: stl10_binary ----
 
-def _stl10(root: Path) -> Dataset:
+def _stl10(root: Path, train: bool = True) -> Dataset:
     folder = root / "stl10_binary"
     missing = [f for f in STL10_FILES if not (folder / f).is_file()]
     if missing:
@@ -146,38 +172,46 @@ def _stl10(root: Path) -> Dataset:
         x = np.fromfile(folder / f"{prefix}_X.bin", np.uint8).reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
         return x, np.fromfile(folder / f"{prefix}_y.bin", np.uint8).astype(np.int64) - 1  # labels 1..10
     classes = (folder / "class_names.txt").read_text().split()
-    return _dataset("stl10", split("train"), split("test"), classes, padding=12)
+    return _dataset("stl10", split("train") if train else None, split("test"), classes, padding=12)
 
 
 # ---- image folders: ROOT/{train,test}/<class>/*.png|jpg, decoded once into a cached .npz ----
 
-def _folder(root: Path) -> Dataset:
+def cache_dir() -> Path:
+    """Where decoded image folders are cached: $REVNETS_CACHE, else $XDG_CACHE_HOME/revnets, else
+    ~/.cache/revnets."""
+    if os.environ.get("REVNETS_CACHE"):
+        return Path(os.environ["REVNETS_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "revnets"
+
+
+def _folder(root: Path, train: bool = True) -> Dataset:
     if not (root / "train").is_dir():
         raise FileNotFoundError(f"{root / 'train'} not found: expected ROOT/train/<class>/*.png|jpg and "
                                 f"ROOT/test/<class>/... with ROOT = {root}")
     classes = _class_dirs(root / "train")
     files = {split: _image_files(root, split, classes) for split in ("train", "test")}
-    key = hashlib.sha1(repr((classes, files)).encode()).hexdigest()  # names, labels, mtimes and sizes
-    caches = [root / ".revnets-cache.npz", Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
-              / "revnets" / f"folder-{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]}.npz"]
-    arrays = next(filter(None, (_read_cache(cache, key) for cache in caches)), None)
+    key = hashlib.sha1(repr((str(root.resolve()), classes, files)).encode()).hexdigest()  # path, names, mtimes, sizes
+    cache = cache_dir() / f"folder-{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]}.npz"
+    arrays = _read_cache(cache, key, ("train", "test") if train else ("test",))
     if arrays is None:
         arrays = _decode(root, files)
-        for cache in caches:
-            try:
-                atomic_write(cache, lambda f: np.savez(f, key=np.array(key), **arrays))
-                break
-            except OSError:  # a read-only root: use the user's cache directory
-                continue
-    return _dataset("folder", (arrays["train_x"], arrays["train_y"]), (arrays["test_x"], arrays["test_y"]),
-                    classes, padding=4)
+        print(f"caching the decoded images of {root} in {cache} (set REVNETS_CACHE to move it)",
+              file=sys.stderr, flush=True)
+        try:
+            atomic_write(cache, lambda f: np.savez(f, key=np.array(key), **arrays))
+        except OSError as e:  # an unwritable cache costs only the decoding next time
+            print(f"warning: cannot cache the decoded images in {cache} ({e.strerror}); set REVNETS_CACHE",
+                  file=sys.stderr, flush=True)
+    return _dataset("folder", (arrays["train_x"], arrays["train_y"]) if train else None,
+                    (arrays["test_x"], arrays["test_y"]), classes, padding=4)
 
 
-def _read_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:
-    """The arrays cached at `path` if they were decoded from the files that `key` describes."""
+def _read_cache(path: Path, key: str, splits=("train", "test")) -> dict[str, np.ndarray] | None:
+    """The arrays of `splits` cached at `path` if they were decoded from the files that `key` describes."""
     try:
         with np.load(path) as z:
-            return {k: z[k] for k in ("train_x", "train_y", "test_x", "test_y")} if str(z["key"]) == key else None
+            return {f"{s}_{a}": z[f"{s}_{a}"] for s in splits for a in "xy"} if str(z["key"]) == key else None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # absent, or not written by this version
         return None
 
@@ -199,6 +233,8 @@ def _image_files(root: Path, split: str, classes: list[str]) -> list[tuple[str, 
         if (root / split / c).is_dir():
             with os.scandir(root / split / c) as entries:  # os.scandir: 60,000 files listed in well under 1 s
                 images = sorted((e for e in entries if e.name.lower().endswith(IMAGE_SUFFIXES)), key=lambda e: e.name)
+            if split == "train" and not images:
+                raise ValueError(f"{root / split / c} holds no .png/.jpg images: a class needs training images")
             files += [(f"{split}/{c}/{e.name}", label, e.stat().st_mtime_ns, e.stat().st_size) for e in images]
     if not files:
         raise FileNotFoundError(f"no .png/.jpg images in {root / split}/<class>/")
@@ -207,15 +243,12 @@ def _image_files(root: Path, split: str, classes: list[str]) -> list[tuple[str, 
 
 def _decode(root: Path, files: dict[str, list[tuple[str, int, int, int]]]) -> dict[str, np.ndarray]:
     """Decode every image; grey (1 channel) if all images are grey, else RGB (grey ones replicated)."""
-    from PIL import Image
     pixels = {}
     for split, items in files.items():
-        pixels[split] = []
-        for name, *_ in items:
-            with Image.open(root / name) as im:
-                mode = "L" if im.mode in GREY_MODES else "RGB"
-                pixels[split].append(np.asarray(im if im.mode == mode else im.convert(mode)))
-            (h, w), (h0, w0) = pixels[split][-1].shape[:2], pixels[split][0].shape[:2]
+        pixels[split] = [read_image(root / name) for name, *_ in
+                         bar(items, f"decoding the {split} images of {root}")]
+        for (name, *_), a in zip(items, pixels[split]):
+            (h, w), (h0, w0) = a.shape[:2], pixels[split][0].shape[:2]
             if (h, w) != (h0, w0):
                 raise ValueError(f"{root / name} is {w}x{h} but {root / items[0][0]} is {w0}x{h0}: every image "
                                  f"of a split must have the same size")
@@ -228,9 +261,23 @@ def _decode(root: Path, files: dict[str, list[tuple[str, int, int, int]]]) -> di
     return arrays
 
 
+def read_image(path: str | Path) -> np.ndarray:
+    """Pixels of one PNG or JPEG file, uint8 (H, W) grey or (H, W, 3) RGB (16-bit scaled to 8);
+    ValueError naming an unreadable file. Image folders and `revnets predict` decode with it."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            if im.mode in WIDE_MODES:  # 16-bit: scale 0..65535 to 0..255
+                return np.round(np.asarray(im, dtype=np.float64) * (255 / 65535)).clip(0, 255).astype(np.uint8)
+            mode = "L" if im.mode in GREY_MODES else "RGB"
+            return np.asarray(im if im.mode == mode else im.convert(mode))
+    except (OSError, SyntaxError, ValueError) as e:  # truncated, empty, not an image, ...
+        raise ValueError(f"{path} is not a readable image ({e}); delete or replace it") from None
+
+
 # ---- scikit-learn's 8x8 digits ----
 
-def _digits() -> Dataset:
+def _digits(train: bool = True) -> Dataset:
     """1,797 grey 8x8 digits scaled to 0..255, with a fixed stratified 1,437/360 train/test split."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -238,7 +285,8 @@ def _digits() -> Dataset:
     x = np.round(digits.images * (255 / 16)).astype(np.uint8)[:, None]
     train_x, test_x, train_y, test_y = train_test_split(x, digits.target, test_size=360, stratify=digits.target,
                                                         random_state=0)
-    return _dataset("digits", (train_x, train_y), (test_x, test_y), [str(d) for d in range(10)], padding=1)
+    return _dataset("digits", (train_x, train_y) if train else None, (test_x, test_y), [str(d) for d in range(10)],
+                    padding=1)
 
 
 # ---- subsets, statistics, loader ----
@@ -264,8 +312,18 @@ def stratified_subset(labels: Tensor, fraction: float, seed: int) -> Tensor:
     return torch.cat(picks).sort().values
 
 
-def subsample(ds: Dataset, fraction: float, seed: int) -> Dataset:
-    """`ds` with its training split reduced to `stratified_subset(ds.train_y, fraction, seed)` (`ds` at 1)."""
+def subsample(ds: Dataset, fraction: float, seed: int, val_fraction: float = 0.0) -> Dataset:
+    """The splits a run uses: `val_fraction` of the training split held out as validation
+    (`stratified_subset` with `seed`; none at 0), then `stratified_subset(fraction, seed)` of the rest
+    kept for training (all of it at 1). ValueError when either would be empty."""
+    if val_fraction:
+        held = torch.zeros(len(ds.train_y), dtype=torch.bool)
+        held[stratified_subset(ds.train_y, val_fraction, seed)] = True
+        if held.all():
+            raise ValueError(f"{ds.name}: {len(ds.train_y)} training images are too few to hold out a validation "
+                             "split; pass --val-fraction 0")
+        ds = replace(ds, train_x=ds.train_x[~held], train_y=ds.train_y[~held], val_x=ds.train_x[held],
+                     val_y=ds.train_y[held])
     if fraction == 1:
         return ds
     idx = stratified_subset(ds.train_y, fraction, seed)

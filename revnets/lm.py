@@ -8,32 +8,33 @@ held-out split's bits per character (`revnets.text.bits_per_char`). The learning
 linearly over the first 5% of the steps, then decays by a cosine to a tenth. The run directory
 holds config.json, metrics.csv (one row per epoch), last.pt and best.pt (lowest validation bits
 per character; with the vocabulary, for `revnets generate`) and summary.json, all written
-atomically. A non-finite training loss stops the run before anything of that epoch is written:
-last.pt keeps the last finite state. Under torchrun each process draws its own share of every
+atomically. A non-finite loss or gradient stops the run before the optimiser applies it and before anything of
+that epoch is written:
+last.pt keeps the last finite state (exit code 3). DIR/.lock admits one writer. Under torchrun each process draws its own share of every
 global batch (DistributedDataParallel); only rank 0 writes.
 """
 import argparse
 import json
 import math
+import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
-from . import checkpoint, text
-from .evaluate import AMP_DTYPES, autocast
+from . import __version__, checkpoint, text
+from .files import write_json
+from .loop import AMP_DTYPES, NonFiniteError, autocast, train_step
 from .progress import MetricsCSV
-from .train import all_reduce, config_dict, peak_mb, setup_distributed, wrap
+from .rundir import RunDir
+from .train import all_reduce, peak_mb, setup_distributed, wrap
 from .transformer import LM_MODELS, ReversibleTransformer, build_lm
 
 FIELDS = ("epoch", "step", "train_loss", "val_bpc", "lr", "tokens_per_s", "peak_mb")
 PLACE = ("resume", "device", "out")
-
-
-class NonFiniteLoss(RuntimeError):
-    """The training loss stopped being finite; the run directory keeps the last finite epoch."""
 
 
 @dataclass
@@ -84,7 +85,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `revnets train --dataset text` that image runs do not have."""
     a = p.add_argument
     a("--level", help="text tokens: char (default) or byte")
-    a("--val-fraction", type=float, help="held-out share of the text, its end (default: 0.1)")
     a("--context", type=int, help="tokens per window (default: the model's)")
     a("--steps-per-epoch", type=int, help="text runs: optimiser steps between validations (default: 100)")
     a("--dropout", type=float, help="text runs: dropout of the transformer (default: 0)")
@@ -115,12 +115,13 @@ def config_from_args(args: argparse.Namespace) -> LMConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    """`revnets train --dataset text`, dispatched from `revnets.train`."""
+    """`revnets train --dataset text`, dispatched from `revnets.train`; exit code 3 on a non-finite
+    loss or gradient, as there."""
     try:
         train(config_from_args(args))
-    except NonFiniteLoss as e:
-        print(f"revnets train: {e}", flush=True)
-        return 1
+    except NonFiniteError as e:
+        print(f"revnets train: stopped: {e}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -154,14 +155,17 @@ class Run:
         self.rank, self.world, self.device = setup_distributed(c.device)
         if c.batch_size % self.world:
             raise ValueError(f"--batch-size {c.batch_size} must be a multiple of the {self.world} processes")
-        self.out = Path(c.out)
-        ckpt = self._resume_checkpoint()
+        self.out, self.dir = Path(c.out), RunDir(c.out)
+        if self.rank == 0:
+            self.dir.check_writable(resume=c.resume is not None)
+        ckpt = checkpoint.load(self.dir.last, map_location=self.device) if c.resume else None
         self.data = text.load_text(c.data_dir, c.level, c.val_fraction)
         if ckpt and ckpt["vocab"] != self.data.vocab.state():
             raise ValueError(f"{c.data_dir} gives another vocabulary than the run's {self.out / 'last.pt'}")
         torch.manual_seed(c.seed)
         self.net = build_lm(c.model, len(self.data.vocab), **c.model_kwargs()).to(self.device)
         self.model = wrap(self.net, c, self.device, self.world)
+        self.flat = _Flat(self.model)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.95))
         total = c.epochs * c.steps_per_epoch
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: schedule(s, total))
@@ -170,14 +174,6 @@ class Run:
         if ckpt:
             self._restore(ckpt)
         self.metrics = MetricsCSV(self.out / "metrics.csv", FIELDS)
-
-    def _resume_checkpoint(self) -> dict | None:
-        if self.config.resume is None:
-            if (self.out / "last.pt").exists():
-                raise ValueError(f"{self.out} already holds a run; continue it with --resume {self.out} "
-                                 "or choose another --out")
-            return None
-        return checkpoint.load(self.out / "last.pt", map_location=self.device)
 
     def _restore(self, ckpt: dict) -> None:
         checkpoint.load_state(self.net, ckpt["model"], self.out / "last.pt")
@@ -218,19 +214,16 @@ class Run:
         lr, t0 = self.sched.get_last_lr()[0], time.perf_counter()
         for step in range(epoch * n, (epoch + 1) * n):
             x, y = self.batch(step)
-            with autocast(self.device, c.amp):
-                loss = F.cross_entropy(self.model(x).flatten(0, 1).float(), y.flatten())
-            self.opt.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
+            try:  # the step is not applied when its loss or gradient is not finite
+                loss, _ = train_step(self.flat, self.opt, x, y.flatten(), amp=c.amp, scaler=self.scaler)
+            except NonFiniteError as e:
+                kept = f"{self.dir.last} keeps epoch {epoch}" if epoch else "nothing was written"
+                raise NonFiniteError(e.what, f"{e} at step {step + 1} (epoch {epoch + 1}); {kept}, the last "
+                                     "finite state (a resume repeats the same steps: start a new run with a "
+                                     "lower --lr)") from None
             self.sched.step()
-            loss_sum += loss.detach().double()
-        loss_sum, = all_reduce(loss_sum[None], self.world)  # one host sync per epoch, none per step
-        if not math.isfinite(loss_sum):
-            kept = f"{self.out}/last.pt keeps epoch {epoch}" if epoch else "nothing was written"
-            raise NonFiniteLoss(f"non-finite training loss in epoch {epoch + 1}; {kept}, the last finite state "
-                                "(a resume repeats the same steps: start a new run with a lower --lr)")
+            loss_sum += loss.double()
+        loss_sum, = all_reduce(loss_sum[None], self.world)
         seconds = time.perf_counter() - t0
         return dict(train_loss=loss_sum / (n * self.world), lr=lr, step=(epoch + 1) * n,
                     tokens_per_s=n * c.batch_size * x.shape[1] / seconds)
@@ -241,9 +234,15 @@ class Run:
             return text.bits_per_char(self.net, self.data.val, self.data.tokens_per_char, self.net.context)
 
     def fit(self) -> dict:
-        c = self.config
-        if self.rank == 0:
+        """Train (rank 0 holding the run directory's lock) and write the summary."""
+        if self.rank != 0:
+            return self._fit()
+        with self.dir.locked():
             self._begin()
+            return self._fit()
+
+    def _fit(self) -> dict:
+        c = self.config
         for epoch in range(self.start, c.epochs):
             t0 = time.perf_counter()
             row = self.train_epoch(epoch)
@@ -258,9 +257,9 @@ class Run:
         return self._finish()
 
     def _begin(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
         if self.config.resume is None:
-            _write_json(self.out / "config.json", config_dict(self.config))
+            write_json(self.dir.config, {**asdict(self.config), "versions": dict(
+                revnets=__version__, torch=torch.__version__, python=platform.python_version())})
         self.metrics.keep_until(self.start)
         params = sum(p.numel() for p in self.net.parameters())
         what = f"resuming after epoch {self.start}" if self.start else "training"
@@ -270,10 +269,7 @@ class Run:
 
     def _write_epoch(self, row: dict) -> None:
         self.metrics.append(row)
-        state = self.state(row["epoch"])
-        checkpoint.save(self.out / "last.pt", state)
-        if self.best_epoch == row["epoch"]:
-            checkpoint.save(self.out / "best.pt", state)
+        self.dir.save(self.state(row["epoch"]), best=self.best_epoch == row["epoch"])
         print(f"epoch {row['epoch']}/{self.config.epochs}  train {row['train_loss']:.4f} nats/token  "
               f"val {row['val_bpc']:.4f} bits/char  lr {row['lr']:.3g}  {row['tokens_per_s']:,.0f} tokens/s",
               flush=True)
@@ -285,14 +281,21 @@ class Run:
                        best_epoch=self.best_epoch, wall_s=self.wall,
                        params=sum(p.numel() for p in self.net.parameters()), out=str(self.out))
         if self.rank == 0:
-            _write_json(self.out / "summary.json", summary)
+            self.dir.write_summary(summary)
             print(f"done: validation {summary['final_bpc']:.4f} bits/char (best {self.best_bpc:.4f} at epoch "
                   f"{self.best_epoch}), {self.wall:.1f} s; results in {self.out}/", flush=True)
         return summary
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    checkpoint.atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), text=True)
+class _Flat(nn.Module):
+    """The model with its logits (N, T, V) as (N T, V): what `loop.train_step`'s cross-entropy reads."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).flatten(0, 1)
 
 
 def train(config: LMConfig, on_epoch=None) -> dict:

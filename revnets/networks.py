@@ -124,7 +124,26 @@ class Network(nn.Module):
 
     @property
     def memory_efficient(self) -> bool:
-        return all(getattr(u, "memory_efficient", True) for u in self.units)
+        """Whether the reversible units rebuild activations in the backward (the engine) instead
+        of storing them (plain autograd); False for ResNet, which has no reversible unit.
+
+        Settable on a built model, e.g. ``model.memory_efficient = False`` to train or debug with
+        plain autograd: parameters, outputs and gradients stay the same.
+        """
+        units = self._reversible_units()
+        return bool(units) and all(u.memory_efficient for u in units)
+
+    @memory_efficient.setter
+    def memory_efficient(self, value: bool) -> None:
+        units = self._reversible_units()
+        if value and not units:
+            raise ValueError(f"a {self.scheme} network has no reversible units to run memory-efficiently; "
+                             "expected memory_efficient=False")
+        for unit in units:
+            unit.memory_efficient = bool(value)
+
+    def _reversible_units(self) -> list[ReversibleUnit]:
+        return [u for u in self.units if isinstance(u, ReversibleUnit)]
 
 
 def _reversible_unit(block: type[ReversibleBlock]):

@@ -1,45 +1,48 @@
-"""`revnets plot`: loss and accuracy curves of one or more runs, read from their metrics.csv.
+"""`revnets plot`: loss, accuracy and learning-rate curves of one or more runs, read from their metrics.csv.
 
-One colour per run (labelled by the run directory's name); training curves dashed, test curves solid.
+One colour per run (labelled by the run directory's name and its model's name from config.json);
+training curves dashed, validation dotted, test solid; accuracy in %, epochs on integer ticks.
 matplotlib (the `train` extra) is imported only here, with the non-interactive Agg backend.
 """
 import argparse
-import csv
+import json
 import math
 from pathlib import Path
 
-from .checkpoint import atomic_write
+from .files import read_csv, save_png
 
-CURVES = {"loss": ("train_loss", "test_loss"), "accuracy": ("train_acc", "test_acc")}
+CURVES = {"loss": ("train_loss", "val_loss", "test_loss"), "accuracy": ("train_acc", "val_acc", "test_acc"),
+          "lr": ("lr",)}
+STYLES = {"train": "--", "val": ":", "test": "-", "lr": "-"}
+REQUIRED = ("epoch", "train_loss", "test_loss", "train_acc", "test_acc")
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, list[float]]:
-    """The columns of `run_dir/metrics.csv` as float lists (blank cells become NaN)."""
+    """The columns of `run_dir/metrics.csv` as float lists (blank cells and absent columns become NaN)."""
     path = Path(run_dir) / "metrics.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; expected a run directory written by `revnets train --out DIR`")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    needed = ["epoch", *(c for pair in CURVES.values() for c in pair)]
-    missing = [c for c in needed if not rows or c not in rows[0]]
+    rows = read_csv(path)
+    missing = [c for c in REQUIRED if not rows or c not in rows[0]]
     if missing:
-        raise ValueError(f"{path} has no rows or lacks the columns {', '.join(missing)}; expected {', '.join(needed)}")
+        raise ValueError(f"{path} has no rows or lacks the columns {', '.join(missing)}; expected {', '.join(REQUIRED)}")
     try:
-        return {c: [float(r[c]) if r[c] else math.nan for r in rows] for c in needed}
+        return {c: [float(r[c]) if r.get(c) else math.nan for r in rows]
+                for c in ("epoch", *(c for cols in CURVES.values() for c in cols))}
     except ValueError as e:
         raise ValueError(f"{path}: a value is not a number ({e})") from None
 
 
-def save_png(fig, path: str | Path) -> Path:
-    """Write a matplotlib figure to `path` as a PNG (120 dpi), atomically; return the path."""
-    path = Path(path)
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    return path
+def run_label(run_dir: str | Path) -> str:
+    """`name: model name` of a run, the model's name from its config.json when there is one."""
+    config = Path(run_dir) / "config.json"
+    name = json.loads(config.read_text()).get("name") if config.is_file() else None
+    return f"{Path(run_dir).resolve().name}: {name}" if name else Path(run_dir).resolve().name
 
 
 def plot_runs(run_dirs: list[str | Path], prefix: str | Path) -> list[Path]:
-    """Write `<prefix>_loss.png` and `<prefix>_accuracy.png` (each written atomically); return their paths."""
-    runs = {Path(d).resolve().name: read_metrics(d) for d in run_dirs}
+    """Write `<prefix>-loss.png`, `<prefix>-accuracy.png` and `<prefix>-lr.png` (atomically); return their paths."""
+    runs = {Path(d).resolve().name: (run_label(d), read_metrics(d)) for d in run_dirs}
     if len(runs) < len(run_dirs):
         raise ValueError(f"run directories need distinct names to label the curves; got {', '.join(map(str, run_dirs))}")
     try:
@@ -48,17 +51,24 @@ def plot_runs(run_dirs: list[str | Path], prefix: str | Path) -> list[Path]:
         raise ValueError("revnets plot needs matplotlib: pip install 'revnets[train]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     paths = []
-    for quantity, (train_col, test_col) in CURVES.items():
+    for quantity, columns in CURVES.items():
         fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-        for i, (name, m) in enumerate(runs.items()):
-            ax.plot(m["epoch"], m[train_col], "--", color=f"C{i}", label=f"{name} (train)")
-            ax.plot(m["epoch"], m[test_col], "-", color=f"C{i}", label=f"{name} (test)")
-        ax.set(xlabel="epoch", ylabel=quantity, title=f"{quantity} per epoch")
+        scale = 100 if quantity == "accuracy" else 1
+        for i, (label, m) in enumerate(runs.values()):
+            for col in columns:
+                split = col.split("_")[0]
+                if not all(math.isnan(v) for v in m[col]):
+                    ax.plot(m["epoch"], [scale * v for v in m[col]], STYLES[split], color=f"C{i}",
+                            label=label if quantity == "lr" else f"{label} ({split})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ylabel = {"loss": "cross-entropy", "accuracy": "accuracy (%)", "lr": "learning rate"}[quantity]
+        ax.set(xlabel="epoch", ylabel=ylabel, title=f"{ylabel} per epoch", yscale="log" if quantity == "lr" else "linear")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-        paths.append(save_png(fig, f"{prefix}_{quantity}.png"))
+        paths.append(save_png(fig, f"{prefix}-{quantity}.png"))
         plt.close(fig)
     return paths
 
@@ -70,10 +80,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("plot", help="draw loss and accuracy curves of runs into PNGs",
-                              description="Draw the loss and accuracy curves of one or more `revnets train` runs "
-                                          "(their metrics.csv) into <out>_loss.png and <out>_accuracy.png.")
+    p = subparsers.add_parser("plot", help="draw loss, accuracy and learning-rate curves of runs into PNGs",
+                              description="Draw the curves of one or more `revnets train` runs (their metrics.csv) "
+                                          "into PREFIX-loss.png, PREFIX-accuracy.png and PREFIX-lr.png.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories holding metrics.csv")
-    p.add_argument("--out", default="curves", metavar="PNG_PREFIX",
-                   help="output path prefix (default: ./curves, giving curves_loss.png and curves_accuracy.png)")
+    p.add_argument("--out", default="curves", metavar="PREFIX",
+                   help="output path prefix (default: curves, giving curves-loss.png, curves-accuracy.png, "
+                        "curves-lr.png)")
     p.set_defaults(func=run)

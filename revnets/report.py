@@ -17,7 +17,6 @@ stability-growth-vs-h.png. Non-finite numbers are written to the JSON as null.
 """
 import argparse
 import copy
-import json
 import math
 from pathlib import Path
 
@@ -26,10 +25,10 @@ from torch import nn
 
 from . import analysis
 from .blocks import ReversibleBlock
-from .checkpoint import atomic_write
 from .engine import sequential
 from .networks import MODELS, Network, ReversibleUnit, build_model
-from .plot import save_png
+from .files import finite, save_png, write_json
+from .progress import bar
 
 DENSE_MAX = 2048
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -121,22 +120,6 @@ def _with_h(block: ReversibleBlock, h: float) -> ReversibleBlock:
     return block
 
 
-def _finite(obj):
-    """JSON-safe copy: NaN and infinities become None."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """`obj` as JSON (non-finite numbers as null), written atomically."""
-    atomic_write(path, lambda f: json.dump(_finite(obj), f, indent=1, allow_nan=False), text=True)
-
-
 def plot(report: dict, spectra: dict[str, torch.Tensor], out: Path) -> list[Path]:
     """The four PNG figures of a report (written atomically); returns their paths."""
     import matplotlib
@@ -211,14 +194,15 @@ def run(args: argparse.Namespace) -> int:
               "input": f"one N(0, 1) image of {args.size}x{args.size}, seed {args.seed}",
               "depths": depths, "architectures": {}}
     spectra = {}
-    for label, model in _models(args):
+    models = _models(args)
+    for label, model in bar(models, "analysing models"):
         torch.manual_seed(args.seed)
         x = torch.randn(1, model.in_channels, args.size, args.size)
         report["architectures"][label], spectra[label] = analyze_model(
             model.float(), x, depths, args.h_values, args.h_depth, args.seed)
         print(f"{label}: {_line(report['architectures'][label])}", flush=True)
-    write_json(out / "stability.json", report)
-    for path in [out / "stability.json", *plot(_finite(report), spectra, out)]:
+    write_json(out / "stability.json", report, indent=1)
+    for path in [out / "stability.json", *plot(finite(report), spectra, out)]:
         print(path)
     return 0
 
@@ -235,8 +219,8 @@ def add_parser(subparsers) -> None:
                               description="Measure the stability of models' blocks (paper, Section 3) and write "
                                           "stability.json and stability-*.png into --out.")
     p.add_argument("--model", nargs="+", default=[], choices=list(MODELS), metavar="NAME",
-                   help=f"Table 1 models, built with --units/--channels ({', '.join(MODELS)})")
-    p.add_argument("--checkpoint", nargs="+", default=[], metavar="PATH", help="trained models (revnets train's .pt)")
+                   help=f"Table 1 models, built with --units/--channels ({', '.join(MODELS)}; default: none)")
+    p.add_argument("--checkpoint", nargs="+", default=[], metavar="PATH", help="trained models (revnets train's .pt; default: none)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--depths", nargs="+", type=int, default=[1, 10, 100, 1000], metavar="N",
                    help="chain depths in blocks (default: 1 10 100 1000)")
@@ -248,5 +232,5 @@ def add_parser(subparsers) -> None:
     p.add_argument("--h-values", nargs="+", type=float, default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0], metavar="H",
                    help="step sizes for growth versus h (default: 0.01 0.03 0.1 0.3 1 3)")
     p.add_argument("--h-depth", type=int, default=100, help="depth of growth versus h (default: 100)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the input (default: 0)")
     p.set_defaults(func=run)

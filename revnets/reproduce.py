@@ -5,8 +5,9 @@
                  trained on 20% down to 0.05% of CIFAR-10, three seeds
     deep         1,202 layers: hamiltonian-1202 and resnet-1202, with their peak memory
 
-Each run is one `revnets train` command in its own sub-directory of --out, named from its
-settings (e.g. `hamiltonian-4x4-f0.01-s0`). A run with summary.json is finished and skipped, one
+Each run is one `revnets train` command in its own sub-directory of --out, trained on the whole
+training split as in the paper (`--val-fraction 0`) and reported by its final test accuracy, named
+from its settings (e.g. `hamiltonian-4x4-f0.01-s0`). A run with summary.json is finished and skipped, one
 with only last.pt was interrupted and is resumed, so rerunning the same command after a kill
 continues the grid. After every run `OUT/summary.csv` is rewritten (one row per finished run);
 at the end the figure is drawn into `OUT/<experiment>.png` (`--plot` redraws it alone).
@@ -25,13 +26,13 @@ import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .checkpoint import atomic_write
+from .config import changed_settings, parse_config
+from .files import atomic_write, save_png
 from .networks import MODELS, STABLE_SCHEMES
-from .plot import save_png
 
 EXPERIMENTS = ("table1", "subsampling", "deep")
 BUDGETS = ("tiny", "cpu", "small", "paper")
-CSV_FIELDS = ("experiment", "run", "model", "fraction", "seed", "epochs", "final_acc", "best_acc", "wall_s",
+CSV_FIELDS = ("experiment", "run", "model", "fraction", "seed", "epochs", "final_acc", "best_test_acc", "wall_s",
               "peak_mb", "params")
 TRAIN_SIZE = 50_000  # CIFAR-10's training images: a subsampling run's epochs are sized from it
 FIGURE3_FRACTIONS = (0.2, 0.1, 0.05, 0.04, 0.03, 0.02, 0.01, 0.005, 0.002, 0.001, 0.0005)
@@ -133,7 +134,7 @@ def grid(experiment: str, budget: str, data: dict, models=None, fractions=None, 
             if not 0 < fraction <= 1:
                 raise ValueError(f"training fractions must lie in (0, 1]; got {fraction}")
             for seed in seeds if seeds is not None else recipe.seeds:
-                flags = dict(model=recipe.models[label], **data, **recipe.train, seed=seed)
+                flags = dict(model=recipe.models[label], **data, **recipe.train, seed=seed, val_fraction=0)
                 if norm and MODELS[flags["model"]]["scheme"] in STABLE_SCHEMES:
                     flags["norm"] = norm
                 if fraction < 1:
@@ -181,21 +182,20 @@ def run_grid(runs: list[Run], out: Path) -> list[dict]:
 
 def execute(run: Run, out: Path) -> dict:
     """The summary of `run`: read when it finished before, else from training (resumed from last.pt)."""
-    from . import train
+    from .train import train
     run_dir, argv = out / run.name, run.argv(out)
     if (run_dir / "summary.json").exists():
-        _check_settings(run_dir, train.parse_config(argv))
+        _check_settings(run_dir, parse_config(argv))
         print(f"  finished before: {run_dir / 'summary.json'}", flush=True)
         return json.loads((run_dir / "summary.json").read_text())
     if (run_dir / "last.pt").exists():
         print(f"  resuming from {run_dir / 'last.pt'}", flush=True)
         argv += ["--resume", str(run_dir)]
-    return train.train(train.parse_config(argv))
+    return train(parse_config(argv))
 
 
 def _check_settings(run_dir: Path, wanted) -> None:
-    """ValueError unless the finished run in run_dir was trained with the settings `wanted` (a train.Config)."""
-    from .train import changed_settings
+    """ValueError unless the finished run in run_dir was trained with the settings `wanted` (a config.Config)."""
     differ = changed_settings(json.loads((run_dir / "config.json").read_text()), wanted)
     if differ:
         raise ValueError(f"{run_dir} holds a run with other settings: "
@@ -295,12 +295,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", type=Path, required=True, help="directory of the runs, summary.csv and figures")
     p.add_argument("--budget", choices=BUDGETS, default="small", help="the recipe (default: small)")
     p.add_argument("--dataset", default="cifar10", help="passed to every run (default: cifar10)")
-    p.add_argument("--data-dir", help="passed to every run")
-    p.add_argument("--device", help="passed to every run")
-    p.add_argument("--models", nargs="+", help="run only these models of the grid")
-    p.add_argument("--fractions", nargs="+", type=float, help="run only these training fractions")
-    p.add_argument("--seeds", nargs="+", type=int, help="run only these seeds")
-    p.add_argument("--lr", type=float, help="learning rate of every run instead of the budget's (use its own --out)")
+    p.add_argument("--data-dir", help="passed to every run (default: ./data)")
+    p.add_argument("--device", help="passed to every run (default: cuda when available, else cpu)")
+    p.add_argument("--models", nargs="+", help="run only these models of the grid (default: all)")
+    p.add_argument("--fractions", nargs="+", type=float, help="run only these training fractions (default: all)")
+    p.add_argument("--seeds", nargs="+", type=int, help="run only these seeds (default: all)")
+    p.add_argument("--lr", type=float, help="learning rate of every run instead of the budget's (use its own --out; "
+                                            "default: the budget's)")
     p.add_argument("--norm", help="normalisation inside the Hamiltonian, MidPoint and Leapfrog residual functions "
                                   "(revnets train --norm: batch or none; default: batch)")
     p.add_argument("--dry-run", action="store_true", help="print the train commands, run nothing")

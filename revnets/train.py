@@ -1,15 +1,18 @@
-"""`revnets train`: the paper's training recipe, runs that keep their results, DDP under torchrun.
+"""`revnets train`: the paper's recipe (`revnets.config`), a run that stops on faults and can go on.
 
-Recipe (Appendix): SGD with momentum 0.9, learning rate 0.1 divided by 10 at epochs 80, 120 and
-160, weight decay 2e-4 and weight smoothness decay 2e-4 (Eq. 22), batch 100 for 160 epochs (the
-paper's 80K steps at 500 steps per epoch). STL-10: decays at 60, 80 and 100, weight decay 5e-4,
-smoothness 3e-4, batch 128, 500 epochs (about the paper's 20K steps: 39 steps per epoch). A flag
-that is given overrides the recipe. Weight decay applies to every parameter, as in the paper's SGD.
+Each epoch trains on the training images, then measures the held-out validation split (default 10 %
+of the training set, seeded and class-stratified; `--val-fraction 0`: none) and the test split;
+best.pt is the epoch of best validation accuracy (of test accuracy without a validation split).
+The run directory (`revnets.rundir`) holds config.json, metrics.csv, last.pt, best.pt and
+summary.json, with one writer at a time. `--resume DIR` continues DIR from last.pt (model,
+optimiser, schedule, RNG, epoch): on CPU with a fixed seed the result is bitwise that of an
+uninterrupted run, because batches depend only on (seed, epoch); with a larger --epochs a
+finished run goes on (step schedule; its decays already passed stay). `--init-from CKPT` starts a
+new run from a checkpoint's weights.
 
-A run directory (--out) holds config.json (every setting, library versions), metrics.csv (one row
-per epoch), last.pt and best.pt (written atomically each epoch) and summary.json. `--resume DIR`
-continues DIR from last.pt (model, optimiser, scheduler, RNG, epoch): on CPU with a fixed seed the
-result is bitwise that of an uninterrupted run, because batches depend only on (seed, epoch).
+A non-finite loss, gradient or weight stops the run before it is saved (exit code 3): last.pt and
+best.pt keep the last finite epoch. Ctrl-C stops it between two files (exit code 130) and says how
+to continue. Every setting and the data are checked before the run directory is made.
 
 Under torchrun (RANK and WORLD_SIZE set; ``torchrun --nproc_per_node N -m revnets.cli train ...``)
 each process trains on its share of every global batch with DistributedDataParallel (nccl on CUDA,
@@ -21,207 +24,29 @@ h halved (`revnets.multilevel.grow`). The optimiser then keeps its settings and 
 but restarts its momentum, since the grown network's parameters are new tensors.
 """
 import argparse
-import json
+import contextlib
 import os
-import platform
 import resource
+import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from collections import Counter
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from . import __version__, checkpoint, data
-from .evaluate import AMP_DTYPES, autocast, totals
-from .networks import MODELS, NORMS, STABLE_SCHEMES
+from . import checkpoint, data, inference
+from . import config as settings
+from .config import Config, add_arguments, check_device, config_from_args, growths, model_from_config, model_name
+from .loop import NonFiniteError, totals, train_step
+from .networks import MODELS, STABLE_SCHEMES
 from .progress import FIELDS, EpochBar, MetricsCSV, epoch_line, tensorboard_writer
-from .regularization import smoothness_penalty
-
-RECIPE = dict(epochs=160, batch_size=100, milestones=(80, 120, 160), weight_decay=2e-4, smoothness=2e-4)
-RECIPES = {"stl10": dict(epochs=500, batch_size=128, milestones=(60, 80, 100), weight_decay=5e-4, smoothness=3e-4)}
-SCHEDULES = ("step", "cosine", "onecycle")
-RUN_FILES = ("config.json", "metrics.csv", "last.pt", "best.pt", "summary.json")
-PLACE = ("resume", "device", "out")  # where a run goes on, not what it computes: free to change on resume
+from .rundir import RUN_FILES, RunDir
 
 
-@dataclass
-class Config:
-    """Every setting of a run. None means the dataset's recipe (RECIPE, RECIPES) or, for device,
-    CUDA when available."""
-    dataset: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
-    model: str = "hamiltonian-74"
-    units: tuple[int, ...] | None = None
-    channels: tuple[int, ...] | None = None
-    h: float | None = None
-    norm: str | None = None
-    segment: str | None = None
-    exact: bool = False
-    plain: bool = False
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float | None = None
-    smoothness: float | None = None
-    schedule: str = "step"
-    milestones: tuple[int, ...] | None = None
-    amp: str = "off"
-    channels_last: bool = False
-    compile: bool = False
-    seed: int = 0
-    device: str | None = None
-    train_fraction: float = 1.0
-    out: str | None = None
-    resume: str | None = None
-    drift_every: int = 0
-    drift_threshold: float = 1e-3
-    grow_at: tuple[int, ...] = field(default_factory=tuple)
-
-    def __post_init__(self):
-        for key, value in RECIPES.get(self.dataset, RECIPE).items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
-        for key in ("units", "channels", "milestones", "grow_at"):
-            if getattr(self, key) is not None:
-                setattr(self, key, tuple(getattr(self, key)))
-        if self.device is None:
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.out is None:
-            self.out = self.resume or f"runs/{self.dataset}-{self.model}-seed{self.seed}"
-        self.validate()
-
-    def validate(self) -> None:
-        if self.dataset not in data.DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; expected one of {', '.join(data.DATASETS)}")
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; valid names: {', '.join(MODELS)}")
-        if not 0 < self.train_fraction <= 1:
-            raise ValueError(f"--train-fraction must lie in (0, 1]; got {self.train_fraction}")
-        if self.data_dir is not None and not self.download and not Path(self.data_dir).is_dir():
-            raise FileNotFoundError(f"--data-dir {self.data_dir} does not exist")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
-        if self.amp not in AMP_DTYPES:
-            raise ValueError(f"unknown --amp {self.amp!r}; expected one of {', '.join(AMP_DTYPES)}")
-        for key in ("epochs", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"--{key.replace('_', '-')} must be at least 1; got {getattr(self, key)}")
-        if self.norm not in (None, *NORMS):
-            raise ValueError(f"unknown --norm {self.norm!r}; expected one of {', '.join(NORMS)}")
-        if self.segment is not None and self.segment != "auto" and not (self.segment.isdigit() and int(self.segment)):
-            raise ValueError(f"--segment must be 'auto' or a positive number of blocks; got {self.segment!r}")
-        if self.drift_every < 0:
-            raise ValueError(f"--drift-every must be >= 0 (0: off); got {self.drift_every}")
-        if self.grow_at and MODELS[self.model]["scheme"] not in STABLE_SCHEMES:
-            raise ValueError(f"--grow-at halves the step size h, which {self.model} does not have")
-        if any(not 1 <= g < self.epochs for g in self.grow_at):
-            raise ValueError(f"--grow-at epochs must lie in [1, {self.epochs}); got {self.grow_at}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Config":
-        """A Config from config.json (unknown keys, such as the library versions, are ignored)."""
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
-
-
-def changed_settings(saved: dict, config: Config) -> dict[str, tuple]:
-    """{name: (saved value, config's value)} of each setting, PLACE aside, in which `config` differs
-    from `saved`, a run's settings as config.json or a checkpoint hold them (tuples as lists)."""
-    saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()}
-    return {k: (saved.get(k), v) for k, v in asdict(config).items() if k not in PLACE and saved.get(k) != v}
-
-
-def config_dict(config: Config) -> dict:
-    """config.json's content: every setting and the versions that ran it."""
-    return {**asdict(config), "versions": {"revnets": __version__, "torch": torch.__version__,
-                                           "python": platform.python_version()}}
-
-
-# --- command line ------------------------------------------------------------------------------
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of `revnets train`; defaults are suppressed so that a Config sees only given flags."""
-    a = p.add_argument
-    a("--dataset", help=f"one of {', '.join(data.DATASETS)}, or text (UTF-8 files; --model <scheme>-lm-tiny|small|base) (default: digits, offline)")
-    a("--data-dir", help="where the dataset lives (CIFAR archive, stl10_binary, or image-folder root)")
-    a("--download", action="store_true", help="fetch CIFAR archives from their official address")
-    a("--model", help=f"a Table 1 name (default: hamiltonian-74): {', '.join(MODELS)}")
-    a("--units", type=int, nargs="+", metavar="N", help="blocks per unit, e.g. 2 2 2 (default: the model's)")
-    a("--channels", type=int, nargs="+", metavar="C", help="channels per unit (default: the model's)")
-    a("--h", type=float, help="step size of the reversible blocks (default: the scheme's)")
-    a("--norm", help=f"normalisation inside the residual functions: {', '.join(NORMS)} (default: batch)")
-    a("--segment", help="store the state every K blocks ('auto': K from the measured drift; default: never)")
-    a("--exact", action="store_true", help="fixed-point state: bit-exact reversal at any depth")
-    a("--plain", action="store_true", help="store activations (plain autograd) instead of rebuilding them")
-    a("--epochs", type=int, help="default: 160 (500 for stl10)")
-    a("--batch-size", type=int, help="global batch (default: 100; 128 for stl10)")
-    a("--lr", type=float, help="initial (peak for onecycle) learning rate (default: 0.1)")
-    a("--momentum", type=float, help="SGD momentum (default: 0.9)")
-    a("--weight-decay", type=float, help="default: 2e-4 (5e-4 for stl10)")
-    a("--smoothness", type=float, help="weight smoothness decay, Eq. 22 (default: 2e-4; 3e-4 for stl10)")
-    a("--schedule", choices=SCHEDULES, help="learning-rate schedule (default: step)")
-    a("--milestones", type=int, nargs="+", metavar="E",
-      help="epochs where step divides the lr by 10 (default: 80 120 160; 60 80 100 for stl10)")
-    a("--amp", choices=tuple(AMP_DTYPES), help="autocast precision (default: off)")
-    a("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--seed", type=int, help="seed of initialisation, subset and batches (default: 0)")
-    a("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    a("--train-fraction", type=float, help="class-stratified share of the training set, in (0, 1] (default: 1)")
-    a("--out", help="run directory (default: runs/<dataset>-<model>-seed<seed>)")
-    a("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
-    a("--drift-every", type=int, metavar="K", help="measure reversal drift every K steps (default: 0, off)")
-    a("--drift-threshold", type=float, help="warn when a unit's reversal error exceeds this (default: 1e-3)")
-    a("--grow-at", type=int, nargs="+", metavar="E", help="split every block in two (h / 2) after epoch E")
-
-
-def parse_config(argv: list[str]) -> Config:
-    """The Config of `revnets train ARGV`."""
-    parser = argparse.ArgumentParser(prog="revnets train", argument_default=argparse.SUPPRESS)
-    add_arguments(parser)
-    return config_from_args(parser.parse_args(argv))
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Config from parsed flags; with --resume DIR the saved settings, which given flags must match."""
-    names = {f.name for f in fields(Config)}
-    given = {k: v for k, v in vars(args).items() if k in names}
-    if "resume" not in given:
-        return Config(**given)
-    run = Path(given["resume"])
-    if not (run / "last.pt").is_file() or not (run / "config.json").is_file():
-        raise FileNotFoundError(f"--resume {run}: no last.pt and config.json there (not a run directory "
-                                "or killed before its first epoch)")
-    saved = Config.from_dict(json.loads((run / "config.json").read_text()))
-    given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items()}
-    differ = [k for k, v in given.items() if k not in PLACE and getattr(saved, k) != v]
-    if "out" in given and Path(given["out"]).resolve() != run.resolve():
-        differ.append("out")
-    if differ:
-        raise ValueError(f"--resume {run}: the run was started with different settings: "
-                         + ", ".join(f"{k}={getattr(saved, k)!r}" for k in differ))
-    return replace(saved, resume=str(run), out=str(run), device=given.get("device", saved.device))
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a network with the paper's recipe",
-                              description=__doc__.split("\n\n")[1], argument_default=argparse.SUPPRESS)
-    add_arguments(p)
-    from . import lm  # text runs (imports this module)
-    lm.add_arguments(p)
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    if getattr(args, "dataset", None) == "text":  # language models: their own loop
-        from . import lm
-        return lm.main(args)
-    train(config_from_args(args))
-    return 0
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says where it stopped and how to continue."""
 
 
 # --- pieces of a run ---------------------------------------------------------------------------
@@ -230,33 +55,37 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     """(rank, world_size, this process's device); joins torchrun's process group if there is one."""
     distributed = dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not distributed:
-        return 0, 1, torch.device(device)
+        return 0, 1, check_device(device)
     if device == "cuda":  # one GPU per process
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size(), torch.device(device)
+    return dist.get_rank(), dist.get_world_size(), check_device(device)
 
 
 def load_data(config: Config) -> data.Dataset:
-    """The dataset, its training split reduced to the seeded stratified subset when --train-fraction < 1."""
+    """The dataset split as the run uses it: validation held out, training reduced (`data.subsample`)."""
     return data.subsample(data.load_dataset(config.dataset, config.data_dir, config.download),
-                          config.train_fraction, config.seed)
+                          config.train_fraction, config.seed, config.val_fraction)
 
 
-def loaders(config: Config, ds: data.Dataset, device: torch.device, rank: int = 0, world: int = 1):
-    """(train, test) Loaders; both standardise with the training split's channel statistics."""
-    mean, std = data.channel_stats(ds.train_x)
+def loaders(config: Config, ds: data.Dataset, device: torch.device, rank: int = 0, world: int = 1, stats=None):
+    """(train, validation or None, test) Loaders; all standardise with `stats` = (mean, std), by
+    default the training images' channel statistics."""
+    mean, std = stats if stats is not None else data.channel_stats(ds.train_x)
     common = dict(mean=mean, std=std, device=device, seed=config.seed, rank=rank, world_size=world)
-    return (data.Loader(ds.train_x, ds.train_y, config.batch_size, train=True, padding=ds.padding, **common),
+    val = None if ds.val_x is None else data.Loader(ds.val_x, ds.val_y, config.batch_size, train=False, **common)
+    return (data.Loader(ds.train_x, ds.train_y, config.batch_size, train=True, padding=ds.padding, **common), val,
             data.Loader(ds.test_x, ds.test_y, config.batch_size, train=False, **common))
 
 
 def make_model(config: Config, ds: data.Dataset, device: torch.device, grown: int = 0) -> nn.Module:
-    """The run's network, seeded by config.seed, after `grown` growths, on `device`."""
+    """The run's network, seeded by config.seed, after `grown` growths, on `device`; ValueError if the
+    dataset's images do not fit it."""
     torch.manual_seed(config.seed)
-    model = checkpoint.model_from_config(asdict(config), len(ds.classes), ds.train_x.shape[1], grown)
+    model = model_from_config(asdict(config), len(ds.classes), ds.train_x.shape[1], grown)
+    model.check_input(ds.train_x[:1])
     return _placed(model, config, device)
 
 
@@ -300,52 +129,54 @@ def peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# --- the loop ----------------------------------------------------------------------------------
+def memory_label(device: torch.device) -> str:
+    """What `peak_mb` measures on `device`, as the epoch line labels it."""
+    return "GPU allocator peak" if device.type == "cuda" else "process peak RSS"
+
+
+# --- the run -----------------------------------------------------------------------------------
 
 class Run:
-    """One training run: state that lives across epochs (model, optimiser, metrics, files)."""
+    """One training run: state that lives across epochs (model, optimiser, metrics, files). Making it
+    reads and checks everything and writes nothing; `fit` takes the directory's lock and trains."""
 
     def __init__(self, config: Config, on_epoch=None):
         self.config, self.on_epoch = config, on_epoch
         self.rank, self.world, self.device = setup_distributed(config.device)
-        self.out = Path(config.out)
-        ckpt = self._resume_checkpoint()
+        self.dir = RunDir(config.out)
+        if self.rank == 0:
+            self.dir.check_writable(resume=config.resume is not None)
+        self.resumed = self.dir.resume_checkpoint(config, self.device) if config.resume else None
+        self.stamp = self.dir.stamp()
         self.ds = load_data(config)
-        self.train_loader, self.test_loader = loaders(config, self.ds, self.device, self.rank, self.world)
-        self.start, self.best_acc, self.best_epoch, self.wall = 0, -1.0, 0, 0.0
-        grown = checkpoint.growths(asdict(config), ckpt["epoch"]) if ckpt else 0
+        self.stats = data.channel_stats(self.ds.train_x)  # stored in every checkpoint (inference.metadata)
+        self.train_loader, self.val_loader, self.test_loader = loaders(config, self.ds, self.device, self.rank,
+                                                                       self.world, self.stats)
+        self.start, self.best_acc, self.best_epoch, self.wall, self.times = 0, -1.0, 0, 0.0, []
+        grown = growths(asdict(config), self.resumed["epoch"]) if self.resumed else 0
         self.net = make_model(config, self.ds, self.device, grown)
+        if config.init_from and not self.resumed:  # a resumed run has its own weights
+            self._init_from(config.init_from)
         self.model = wrap(self.net, config, self.device, self.world)
         self.opt, self.sched = make_optimizer(config, self.net, len(self.train_loader))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
-        if ckpt:
-            self._restore(ckpt)
+        if self.resumed:
+            self._restore(self.resumed)
         self.drift = None
         if config.drift_every:
             from .drift import DriftMonitor
             self.drift = DriftMonitor(config.drift_every, config.drift_threshold)
-        fields_ = FIELDS + (("drift_max",) if config.drift_every else ())
-        self.metrics = MetricsCSV(self.out / "metrics.csv", fields_)
+        self.metrics = MetricsCSV(self.dir.path / "metrics.csv", FIELDS + (("drift_max",) if config.drift_every else ()))
         self.tb = None
 
-    def _resume_checkpoint(self) -> dict | None:
-        if self.config.resume is None:
-            if (self.out / "last.pt").exists():
-                raise ValueError(f"{self.out} already holds a run; continue it with --resume {self.out} "
-                                 "or choose another --out")
-            return None
-        path = self.out / "last.pt"
-        ckpt = checkpoint.load(path, map_location=self.device)
-        if not isinstance(ckpt["config"], dict):
-            raise ValueError(f"{path} has no settings (its config is a {type(ckpt['config']).__name__})")
-        differ = changed_settings(ckpt["config"], self.config)
-        if differ:
-            raise ValueError(f"{path} was saved by a run with other settings: "
-                             + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in differ.items()))
-        return ckpt
+    def _init_from(self, path: str) -> None:
+        state = checkpoint.load(path)["model"]
+        if checkpoint.count_nonfinite(state):
+            raise ValueError(f"--init-from {path}: it holds non-finite weights")
+        checkpoint.load_state(self.net, state, path)
 
     def _restore(self, ckpt: dict) -> None:
-        path = self.out / "last.pt"
+        path = self.dir.last
         checkpoint.load_state(self.net, ckpt["model"], path)
         try:
             self.opt.load_state_dict(ckpt["optimizer"])
@@ -354,6 +185,8 @@ class Run:
                 self.scaler.load_state_dict(ckpt["scaler"])
         except (KeyError, ValueError, RuntimeError) as e:
             raise ValueError(f"{path}: optimiser state does not match the run ({e})") from None
+        if self.config.schedule == "step":  # the milestones of a run that grew (--resume --epochs/--milestones)
+            self.sched.milestones = Counter(m * len(self.train_loader) for m in self.config.milestones)
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
@@ -374,7 +207,8 @@ class Run:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         state = dict(model=self.net.state_dict(), config=asdict(self.config), epoch=epoch,
                      optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), rng=rng,
-                     best_acc=self.best_acc, best_epoch=self.best_epoch, wall_s=self.wall)
+                     best_acc=self.best_acc, best_epoch=self.best_epoch, wall_s=self.wall,
+                     meta=inference.metadata(asdict(self.config), self.ds, self.stats, epoch))
         if self.config.amp == "fp16":
             state["scaler"] = self.scaler.state_dict()
         return state
@@ -384,28 +218,27 @@ class Run:
 
     def train_epoch(self, epoch: int) -> dict:
         """One pass over the training set; returns train loss/acc (over all processes), lr, images/s."""
+        c, n = self.config, len(self.train_loader)
         self.model.train()
         self.train_loader.set_epoch(epoch)
-        bar = EpochBar(len(self.train_loader), epoch + 1, self.config.epochs, enabled=None if self.rank == 0 else False)
+        bar = EpochBar(n, epoch + 1, c.epochs, enabled=None if self.rank == 0 else False)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct, count, drift, t0 = torch.zeros_like(loss_sum), 0, None, time.perf_counter()
         lr = self.opt.param_groups[0]["lr"]
         for i, (x, y) in enumerate(self.train_loader):
             x = self.batch(x)
-            with autocast(self.device, self.config.amp):
-                out = self.model(x)
-                loss = F.cross_entropy(out, y)
-            total = loss + self.config.smoothness * smoothness_penalty(self.net) if self.config.smoothness else loss
-            self.opt.zero_grad(set_to_none=True)
-            self.scaler.scale(total).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
+            try:
+                loss, out = train_step(self.model, self.opt, x, y, smoothness=c.smoothness, amp=c.amp,
+                                       scaler=self.scaler, net=self.net)
+            except NonFiniteError as e:
+                bar.close()
+                raise self._fault(e.what, f"at epoch {epoch + 1}, step {i + 1} of {n}") from None
             self.sched.step()
-            loss_sum += loss.detach().double() * len(y)
+            loss_sum += loss.double() * len(y)
             correct += (out.argmax(1) == y).sum()
             count += len(y)
             if self.drift is not None:
-                errors = self.drift.step(self.net, x, epoch * len(self.train_loader) + i)
+                errors = self.drift.step(self.net, x, epoch * n + i)
                 if errors:
                     drift = max(drift or 0.0, max(errors.values()))
             bar.step(lambda: (loss_sum.item() / count, correct.item() / count, count / (time.perf_counter() - t0)))
@@ -414,91 +247,132 @@ class Run:
         return dict(train_loss=loss_sum / count, train_acc=correct / count, lr=lr,
                     images_per_s=count / (time.perf_counter() - t0), drift_max=drift)
 
-    def evaluate(self) -> tuple[float, float]:
-        """(test loss, test accuracy) over the whole test split and all processes."""
+    def _fault(self, what: str, where: str) -> NonFiniteError:
+        """The one-line report of a non-finite value: where, what the files hold, what to try."""
+        done = self.start + len(self.times)
+        kept = (f"{self.dir.last} holds epoch {done}, the last finite one, and {self.dir.best} epoch {self.best_epoch}"
+                if done else "nothing was saved (no finite epoch yet)")
+        h = " or --h" if MODELS[self.config.model]["scheme"] in STABLE_SCHEMES else ""
+        return NonFiniteError(what, f"non-finite {what} {where}; training stopped, {kept}. Try a smaller --lr "
+                                    f"(now {self.config.lr:g}){h}, then start again or --init-from a checkpoint")
+
+    def evaluate(self, loader) -> tuple[float, float]:
+        """(loss, accuracy) over the whole split of `loader` and all processes."""
         if self.world > 1:  # rank 0's BatchNorm statistics, as in its checkpoint (DDP's next forward does the same)
             for buffer in self.net.buffers():
                 dist.broadcast(buffer, 0)
-        batches = ((self.batch(x), y) for x, y in self.test_loader)
+        batches = ((self.batch(x), y) for x, y in loader)
         loss_sum, correct, count = all_reduce(totals(self.net, batches, self.config.amp), self.world)
         return loss_sum / count, correct / count
 
     def fit(self) -> dict:
-        c = self.config
+        epoch = self.start
+        with self.dir.locked() if self.rank == 0 else contextlib.nullcontext():
+            try:
+                if self.rank == 0:
+                    self._begin()
+                for epoch in range(self.start, self.config.epochs):
+                    self._epoch(epoch)
+            except KeyboardInterrupt:
+                raise self._interrupted(epoch) from None
+            return self._finish()
+
+    def _epoch(self, epoch: int) -> None:
+        c, t0 = self.config, time.perf_counter()
+        if epoch in c.grow_at:
+            self.grow()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        row = self.train_epoch(epoch)
+        row["val_loss"], row["val_acc"] = self.evaluate(self.val_loader) if self.val_loader else (None, None)
+        row["test_loss"], row["test_acc"] = self.evaluate(self.test_loader)
+        if checkpoint.count_nonfinite(self.net.state_dict()):
+            raise self._fault("weights", f"after epoch {epoch + 1}")
+        score = row["val_acc"] if self.val_loader else row["test_acc"]
+        if score > self.best_acc:
+            self.best_acc, self.best_epoch = score, epoch + 1
+        self.times.append(time.perf_counter() - t0)
+        self.wall += self.times[-1]  # training and evaluation, up to this epoch's checkpoint
+        row.update(epoch=epoch + 1, peak_mb=peak_mb(self.device), epoch_s=self.times[-1])
         if self.rank == 0:
-            self._begin()
-        for epoch in range(self.start, c.epochs):
-            t0 = time.perf_counter()
-            if epoch in c.grow_at:
-                self.grow()
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
-            row = self.train_epoch(epoch)
-            row["test_loss"], row["test_acc"] = self.evaluate()
-            row.update(epoch=epoch + 1, peak_mb=peak_mb(self.device))
-            if row["test_acc"] > self.best_acc:
-                self.best_acc, self.best_epoch = row["test_acc"], epoch + 1
-            self.wall += time.perf_counter() - t0  # training and evaluation, up to this epoch's checkpoint
-            if self.rank == 0:
-                self._write_epoch(row)
-            if self.on_epoch is not None:
-                self.on_epoch(row)
-        return self._finish()
+            self._write_epoch(row)
+        if self.on_epoch is not None:
+            self.on_epoch(row)
+
+    def _interrupted(self, epoch: int) -> Interrupted:
+        if self.dir.last.exists():
+            return Interrupted(f"interrupted at epoch {epoch + 1}; continue with: revnets train --resume {self.dir.path}")
+        return Interrupted(f"interrupted at epoch {epoch + 1}, before any epoch was saved; start again")
 
     def _begin(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.config.resume is None:
-            _write_json(self.out / "config.json", config_dict(self.config))
+        c = self.config
+        if self.dir.stamp() != self.stamp:
+            raise ValueError(f"{self.dir.last} changed while this run was starting (another run on {self.dir.path}?)")
+        if self.resumed:
+            self.dir.repair(self.resumed)
+        self.resumed = None  # its tensors are in the model and optimiser now
+        self.dir.write_config(c, self.start)
         self.metrics.keep_until(self.start)
-        self.tb = tensorboard_writer(self.out)
-        params = sum(p.numel() for p in self.net.parameters())
+        self.tb = tensorboard_writer(self.dir.path)
         ds, world = self.ds, f", {self.world} processes" if self.world > 1 else ""
-        what = f"resuming after epoch {self.start}" if self.start else "training"
-        print(f"revnets train: {what} {self.config.model} ({params:,} parameters) on {ds.name} "
-              f"({len(ds.train_y):,} train / {len(ds.test_y):,} test images), {self.device}{world}; "
-              f"results in {self.out}/", flush=True)
+        what = f"resuming after epoch {self.start} of {c.epochs}" if self.start else "training"
+        val = f"{len(ds.val_y):,} validation / " if ds.val_y is not None else ""
+        print(f"revnets train: {what} {model_name(c)} ({_params(self.net):,} parameters) on {ds.name} "
+              f"({len(ds.train_y):,} train / {val}{len(ds.test_y):,} test images), {self.device}{world}; "
+              f"results in {self.dir.path}/", flush=True)
+        if ds.val_y is None:
+            print("note: no validation split (--val-fraction 0): best.pt is chosen on the test set", flush=True)
 
     def _write_epoch(self, row: dict) -> None:
         self.metrics.append(row)
-        state = self.state(row["epoch"])
-        checkpoint.save(self.out / "last.pt", state)
-        if self.best_epoch == row["epoch"]:
-            checkpoint.save(self.out / "best.pt", state)
-        print(epoch_line(row, self.config.epochs), flush=True)
+        self.dir.save(self.state(row["epoch"]), best=self.best_epoch == row["epoch"])
+        left = self.config.epochs - row["epoch"]
+        print(epoch_line(row, self.config.epochs, left * sum(self.times) / len(self.times), memory_label(self.device)),
+              flush=True)
         if self.tb is not None:
             for key in FIELDS[1:]:
-                self.tb.add_scalar(key, row[key], row["epoch"])
+                if row.get(key) is not None:
+                    self.tb.add_scalar(key, row[key], row["epoch"])
             self.tb.flush()
 
     def _finish(self) -> dict:
-        rows = self.metrics.read() if self.rank == 0 else []
-        last = rows[-1] if rows else {}
-        images = sum(float(r["images_per_s"]) for r in rows) / len(rows) if rows else None
-        summary = dict(model=self.config.model, dataset=self.config.dataset, epochs=self.config.epochs,
-                       final_acc=float(last["test_acc"]) if last else None,
-                       final_loss=float(last["test_loss"]) if last else None,
-                       best_acc=self.best_acc, best_epoch=self.best_epoch, wall_s=self.wall,
-                       images_per_s=images, params=sum(p.numel() for p in self.net.parameters()),
-                       peak_mb=max((float(r["peak_mb"]) for r in rows), default=None), out=str(self.out))
+        summary = dict(model=self.config.model, name=model_name(self.config), dataset=self.config.dataset,
+                       epochs=self.config.epochs, **summarize(self.metrics.read() if self.rank == 0 else [],
+                                                              self.best_epoch),
+                       best_on="validation" if self.val_loader else "test", wall_s=self.wall,
+                       params=_params(self.net), out=str(self.dir.path))
         if self.rank == 0:
-            _write_json(self.out / "summary.json", summary)
+            self.dir.write_summary(summary)
             if self.tb is not None:
                 self.tb.close()
-            print(f"done: test accuracy {summary['final_acc']:.2%} (best {self.best_acc:.2%} at epoch "
-                  f"{self.best_epoch}), {self.wall:.1f} s; results in {self.out}/ "
-                  f"({', '.join(RUN_FILES)})", flush=True)
+            print(f"done: test accuracy {summary['final_acc']:.2%} at the last epoch; best epoch {self.best_epoch} "
+                  f"by {summary['best_on']} accuracy (test {summary['best_test_acc']:.2%}), {self.wall:.1f} s; "
+                  f"results in {self.dir.path}/ ({', '.join(RUN_FILES)})", flush=True)
         return summary
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    checkpoint.atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), text=True)
+def summarize(rows: list[dict], best_epoch: int) -> dict:
+    """summary.json's measurements from metrics.csv's rows: the last epoch's test loss and accuracy
+    (final_*), the best epoch's validation and test ones (best_*), mean images/s, peak memory."""
+    last = rows[-1] if rows else {}
+    best = next((r for r in rows if int(r["epoch"]) == best_epoch), {})
+    value = lambda row, key: float(row[key]) if row.get(key) else None  # noqa: E731
+    return dict(final_acc=value(last, "test_acc"), final_loss=value(last, "test_loss"), best_epoch=best_epoch,
+                **{f"best_{k}": value(best, k) for k in ("val_acc", "val_loss", "test_acc", "test_loss")},
+                images_per_s=sum(float(r["images_per_s"]) for r in rows) / len(rows) if rows else None,
+                peak_mb=max((float(r["peak_mb"]) for r in rows), default=None))
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def train(config: Config, on_epoch=None) -> dict:
     """Train as `config` says; returns the summary (also in out/summary.json).
 
     `on_epoch(row)`, if given, is called with each epoch's metrics after its checkpoint is written
-    (an exception raised there stops the run as a kill would).
+    (an exception raised there stops the run as a kill would). Raises NonFiniteError when a loss,
+    gradient or weight stops being finite, `Interrupted` on Ctrl-C.
     """
     owns_group = not dist.is_initialized()
     try:
@@ -509,3 +383,31 @@ def train(config: Config, on_epoch=None) -> dict:
     finally:
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def add_parser(subparsers) -> None:
+    paragraphs = settings.__doc__.split("\n\n")[1:2] + __doc__.split("\n\n")[1:3]
+    p = subparsers.add_parser("train", help="train a network with the paper's recipe", description="\n\n".join(
+        paragraphs), formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
+    add_arguments(p)
+    from . import lm  # text runs (lm imports this module)
+    lm.add_arguments(p)
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    """Exit codes: 0 done, 2 bad input (cli), 3 stopped on a non-finite value, 130 interrupted."""
+    if getattr(args, "dataset", None) == "text":  # language models: their own loop
+        from . import lm
+        return lm.main(args)
+    try:
+        train(config_from_args(args))
+    except NonFiniteError as e:
+        print(f"revnets train: stopped: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt as e:
+        print(f"revnets train: {e or 'interrupted before training began; nothing was written'}", file=sys.stderr)
+        return 130
+    return 0

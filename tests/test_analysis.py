@@ -180,6 +180,7 @@ def test_analyze_writes_json_and_pngs(tmp_path, capsys):
     assert stable < 2 and unstable > 1e3
     for name in ("eigenvalues", "growth", "reversal", "growth-vs-h"):
         assert (out / f"stability-{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "analysing models (2)" in capsys.readouterr().err  # progress: a bar on a terminal, else one line
 
 
 def test_analyze_rejects_a_unit_without_reversible_blocks(tmp_path, capsys):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from revnets import checkpoint
+from revnets.config import growths, model_from_config
 
 CONFIG = dict(model="hamiltonian-74", units=(1, 1, 1), channels=(8, 16, 32), h=None, plain=False)
 
@@ -13,7 +14,7 @@ CONFIG = dict(model="hamiltonian-74", units=(1, 1, 1), channels=(8, 16, 32), h=N
 def _ckpt(**config):
     torch.manual_seed(0)
     cfg = {**CONFIG, **config}
-    model = checkpoint.model_from_config(cfg, num_classes=10, in_channels=3)
+    model = model_from_config(cfg, num_classes=10, in_channels=3)
     return model, dict(model=model.state_dict(), config=cfg, epoch=1)
 
 
@@ -104,5 +105,5 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
 
 def test_growths_count_the_grow_epochs_before_the_checkpoint():
     config = dict(grow_at=(2, 4))
-    assert [checkpoint.growths(config, e) for e in range(6)] == [0, 0, 0, 1, 1, 2]
-    assert checkpoint.growths({"grow_at": ()}, 5) == 0
+    assert [growths(config, e) for e in range(6)] == [0, 0, 0, 1, 1, 2]
+    assert growths({"grow_at": ()}, 5) == 0

@@ -3,10 +3,13 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from revnets.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_output_into_a_closed_pipe_ends_quietly(monkeypatch):
@@ -20,7 +23,7 @@ def test_output_into_a_closed_pipe_ends_quietly(monkeypatch):
 
 def test_help_lists_every_command():
     done = subprocess.run([sys.executable, "-m", "revnets.cli", "--help"], capture_output=True, text=True)
-    for command in ("train", "eval", "models", "plot", "analyze", "reproduce"):
+    for command in ("train", "eval", "predict", "models", "plot", "analyze", "reproduce"):
         assert command in done.stdout
 
 
@@ -40,3 +43,21 @@ def test_positive_int_accepts_counts_only(text, ok):
     else:
         with pytest.raises(argparse.ArgumentTypeError, match="positive integer"):
             positive_int(text)
+
+
+def test_library_modules_import_no_command_module():
+    """Data flows one way: cli -> commands -> library; the library never imports a command module."""
+    library = ["config", "rundir", "files", "loop", "train", "data", "checkpoint", "inference", "progress", "engine",
+               "networks"]
+    commands = ["cli", "evaluate", "predict", "plot", "report", "reproduce", "zoo"]
+    code = (f"import sys; import {', '.join('revnets.' + m for m in library)}; "
+            f"print([m for m in {commands} if 'revnets.' + m in sys.modules])")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("script", ["defaults.py", "drift.py"])
+def test_benchmarks_train_through_the_library_step(script):
+    source = (ROOT / "benchmarks" / script).read_text()
+    assert "train_step(" in source and "opt.step()" not in source

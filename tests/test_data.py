@@ -4,6 +4,7 @@ import io
 import os
 import pickle
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,23 @@ def test_cifar_reads_archive_and_extracted_folder(tmp_path, name, packed):
     assert d.train_y.tolist() == expected["train_y"] and d.test_y.tolist() == expected["test_y"]
     assert d.classes == expected["classes"]
 
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_cifar_test_split_alone_needs_no_training_batches(tmp_path, packed):
+    members, expected = _cifar_members("cifar10", np.random.default_rng(0))
+    members = {m: raw for m, raw in members.items() if "data_batch" not in m}  # the training split is absent
+    if packed:
+        (tmp_path / data.CIFAR["cifar10"][0]).write_bytes(_tar_gz(members))
+    else:
+        for member, raw in members.items():
+            (tmp_path / member).parent.mkdir(exist_ok=True)
+            (tmp_path / member).write_bytes(raw)
+    d = data.load_dataset("cifar10", tmp_path, train=False)
+    assert d.train_x.shape == (0, 3, 32, 32) and d.train_y.shape == (0,)
+    np.testing.assert_array_equal(d.test_x.numpy(), expected["test_x"])
+    assert d.test_y.tolist() == expected["test_y"] and d.classes == expected["classes"]
+    with pytest.raises((ValueError, FileNotFoundError)):
+        data.load_dataset("cifar10", tmp_path)
 
 def test_cifar_missing_archive_says_where_to_put_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"cifar-100-python\.tar\.gz.*--download") as e:
@@ -198,47 +216,102 @@ def test_folder_images_of_a_split_share_a_size(tmp_path):
         data.load_dataset("folder", tmp_path)
 
 
-def test_folder_cache_skips_decoding_until_files_change(tmp_path, monkeypatch):
+def test_folder_cache_skips_decoding_until_files_change(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("REVNETS_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "data"
     for i in range(3):
-        _image(tmp_path, f"train/a/{i}.png", np.full((4, 4), i, np.uint8))
-    _image(tmp_path, "test/a/0.png", np.zeros((4, 4), np.uint8))
-    first = data.load_dataset("folder", tmp_path)
-    assert (tmp_path / ".revnets-cache.npz").is_file()
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+        _image(root, f"train/a/{i}.png", np.full((4, 4), i, np.uint8))
+    _image(root, "test/a/0.png", np.zeros((4, 4), np.uint8))
+    first = data.load_dataset("folder", root)
+    (cache,) = (tmp_path / "cache").iterdir()  # in the cache directory, not in the data folder
+    assert sorted(p.name for p in root.iterdir()) == ["test", "train"]
+    err = capsys.readouterr().err
+    assert f"decoding the train images of {root} (3)" in err and f"in {cache}" in err  # announced once
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded although cached")
     with monkeypatch.context() as m:
         m.setattr(Image, "open", no_decoding)
-        cached = data.load_dataset("folder", tmp_path)
+        cached = data.load_dataset("folder", root)
         assert torch.equal(cached.train_x, first.train_x) and torch.equal(cached.test_y, first.test_y)
+        assert capsys.readouterr().err == ""
 
-        os.utime(tmp_path / "train/a/1.png", ns=(0, 0))  # a changed file invalidates the cache
+        os.utime(root / "train/a/1.png", ns=(0, 0))  # a changed file invalidates the cache
         with pytest.raises(AssertionError, match="decoded although cached"):
-            data.load_dataset("folder", tmp_path)
-    _image(tmp_path, "train/a/3.png", np.full((4, 4), 3, np.uint8))  # and so does a new one
-    assert len(data.load_dataset("folder", tmp_path).train_x) == 4
-    (tmp_path / ".revnets-cache.npz").write_bytes(b"garbage")  # an unreadable cache is decoded again
-    assert len(data.load_dataset("folder", tmp_path).train_x) == 4
-    assert np.load(tmp_path / ".revnets-cache.npz")["train_x"].shape == (4, 1, 4, 4)
+            data.load_dataset("folder", root)
+    _image(root, "train/a/3.png", np.full((4, 4), 3, np.uint8))  # and so does a new one
+    assert len(data.load_dataset("folder", root).train_x) == 4
+    cache.write_bytes(b"garbage")  # an unreadable cache is decoded again
+    assert len(data.load_dataset("folder", root).train_x) == 4
+    assert np.load(cache)["train_x"].shape == (4, 1, 4, 4)
 
 
-def test_folder_cache_falls_back_to_user_cache_when_root_is_read_only(tmp_path, monkeypatch):
-    root = tmp_path / "data"
-    _image(root, "train/a/0.png", np.zeros((4, 4), np.uint8))
-    _image(root, "test/a/0.png", np.zeros((4, 4), np.uint8))
-    write = data.atomic_write
+def test_folder_test_split_alone_reads_only_the_tests_cached_arrays(tmp_path, monkeypatch):
+    monkeypatch.setenv("REVNETS_CACHE", str(tmp_path / "cache"))
+    for split in ("train", "test"):
+        for i in range(2):
+            _image(tmp_path, f"{split}/a/{i}.png", np.full((4, 4), 10 * i + (split == "test"), np.uint8))
+    full = data.load_dataset("folder", tmp_path)
+    [cache] = (tmp_path / "cache").glob("*.npz")
+    with np.load(cache) as z:  # the same cache without its training arrays: only train=False can use it
+        kept = {k: z[k] for k in ("key", "test_x", "test_y")}
+    np.savez(cache, **kept)
+    d = data.load_dataset("folder", tmp_path, train=False)
+    assert d.train_x.shape == (0, 1, 4, 4) and torch.equal(d.test_x, full.test_x) and torch.equal(d.test_y, full.test_y)
+    assert "train_x" not in np.load(cache)  # nothing decoded again
+    assert torch.equal(data.load_dataset("folder", tmp_path).train_x, full.train_x)  # train=True decodes anew
 
-    def read_only_root(path, fn):
-        if path.parent == root:
-            raise PermissionError(f"read-only: {path}")
-        write(path, fn)
-    monkeypatch.setattr(data, "atomic_write", read_only_root)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    data.load_dataset("folder", root)
-    assert not (root / ".revnets-cache.npz").exists() and len(list((tmp_path / "cache/revnets").iterdir())) == 1
-    monkeypatch.setattr(Image, "open", None)  # the second load reads the user's cache
-    assert data.load_dataset("folder", root).train_x.shape == (1, 1, 4, 4)
+
+def test_cache_dir_follows_revnets_cache_then_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("REVNETS_CACHE", str(tmp_path / "r"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert data.cache_dir() == tmp_path / "r"
+    monkeypatch.delenv("REVNETS_CACHE")
+    assert data.cache_dir() == tmp_path / "x" / "revnets"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert data.cache_dir() == Path("~/.cache/revnets").expanduser()
+
+
+def test_folder_loads_when_the_cache_cannot_be_written(tmp_path, monkeypatch, capsys):
+    (tmp_path / "cache").write_text("a file where the cache directory should be")
+    monkeypatch.setenv("REVNETS_CACHE", str(tmp_path / "cache"))
+    _image(tmp_path, "train/a/0.png", np.zeros((4, 4), np.uint8))
+    _image(tmp_path, "test/a/0.png", np.zeros((4, 4), np.uint8))
+    assert data.load_dataset("folder", tmp_path).train_x.shape == (1, 1, 4, 4)
+    assert "warning: cannot cache" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "text"])
+def test_folder_refuses_an_unreadable_image_naming_it(tmp_path, damage):
+    for i in range(2):
+        _image(tmp_path, f"train/a/{i}.jpg", np.full((8, 8, 3), 100, np.uint8))
+    _image(tmp_path, "test/a/0.jpg", np.zeros((8, 8, 3), np.uint8))
+    bad = tmp_path / "train/a/1.jpg"
+    bad.write_bytes({"empty": b"", "truncated": bad.read_bytes()[:200], "text": b"not an image"}[damage])
+    with pytest.raises(ValueError, match=rf"{bad} is not a readable image"):
+        data.load_dataset("folder", tmp_path)
+
+
+def test_folder_scales_16_bit_images(tmp_path):
+    wide = np.array([[0, 257, 32768, 65535]], dtype=np.uint16)
+    Image.fromarray(wide).save(tmp_path / "x.png")
+    (tmp_path / "train/a").mkdir(parents=True)
+    (tmp_path / "x.png").rename(tmp_path / "train/a/0.png")
+    _image(tmp_path, "test/a/0.png", np.zeros((1, 4), np.uint8))
+    d = data.load_dataset("folder", tmp_path)
+    assert d.train_x[0, 0, 0].tolist() == [0, 1, 128, 255]  # scaled by 255 / 65535, not clipped at 255
+
+
+def test_folder_refuses_empty_classes_and_size_mismatch_between_splits(tmp_path):
+    _image(tmp_path, "train/a/0.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "train/b").mkdir()
+    _image(tmp_path, "test/a/0.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"train/b holds no .png/.jpg images"):
+        data.load_dataset("folder", tmp_path)
+    (tmp_path / "train/b").rmdir()
+    _image(tmp_path, "test/a/0.png", np.zeros((6, 6), np.uint8))
+    with pytest.raises(ValueError, match=r"training images are 4x4 with 1 channel but test images 6x6"):
+        data.load_dataset("folder", tmp_path)
 
 
 def test_folder_errors(tmp_path):
@@ -254,10 +327,13 @@ def test_folder_errors(tmp_path):
         data.load_dataset("folder", tmp_path)
 
 
-def test_shared_cifar10_jpeg_archive(tmp_path):
-    """The shared CIFAR-10 JPEG copy: reuse /tmp/cifar10 when extracted there (with its cache), else extract."""
+def test_shared_cifar10_jpeg_archive(tmp_path, monkeypatch):
+    """The shared CIFAR-10 JPEG copy: reuse /tmp/cifar10 when extracted there (with its cache in the
+    user's cache directory, as `revnets train` keeps it), else extract."""
     root = Path("/tmp/cifar10")
-    if not (root / "train").is_dir() or not (root / "test").is_dir():
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        monkeypatch.delenv("REVNETS_CACHE")
+    else:
         if not SHARED_CIFAR10.is_file():
             pytest.skip(f"{SHARED_CIFAR10} absent and /tmp/cifar10 not extracted")
         with tarfile.open(SHARED_CIFAR10) as tar:
@@ -303,6 +379,21 @@ def test_stratified_subset():
     for fraction in (0, -0.5, 1.5):
         with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
             data.stratified_subset(labels, fraction, seed=0)
+
+
+def test_subsample_holds_out_a_stratified_validation_split_then_subsets_the_rest():
+    d = data.load_dataset("digits")
+    s = data.subsample(d, 0.5, 1, val_fraction=0.1)
+    assert len(s.val_y) == round(0.1 * 1437) and len(s.train_y) == round(0.5 * (1437 - 144))
+    assert torch.equal(s.test_x, d.test_x)
+    counts = d.train_y.bincount().double()
+    assert ((s.val_y.bincount() - 0.1 * counts).abs() < 1).all()  # every class keeps its share
+    rows = lambda x: {bytes(r.numpy()) for r in x}  # noqa: E731
+    assert not rows(s.val_x) & rows(s.train_x)  # disjoint (digits has no duplicate images across them)
+    assert torch.equal(data.subsample(d, 0.5, 1, 0.1).val_x, s.val_x)  # seeded
+    tiny = replace(d, train_x=d.train_x[:1], train_y=d.train_y[:1])
+    with pytest.raises(ValueError, match="too few to hold out a validation split; pass --val-fraction 0"):
+        data.subsample(tiny, 1.0, 0, 0.1)
 
 
 def test_subsample_keeps_the_stratified_subset_of_the_training_split_only():

@@ -47,8 +47,9 @@ def test_resume_is_bitwise_on_cpu(tmp_path):
 
 def test_non_finite_loss_stops_before_writing_the_epoch(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(FLAGS + ["--lr", "1e20", "--out", str(out)]) == 1
-    assert "non-finite training loss in epoch 1; nothing was written" in capsys.readouterr().out
+    assert main(FLAGS + ["--lr", "1e20", "--out", str(out)]) == 3
+    err = capsys.readouterr().err
+    assert "stopped: non-finite" in err and "(epoch 1); nothing was written" in err
     assert not (out / "last.pt").exists()
 
 

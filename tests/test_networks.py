@@ -47,6 +47,42 @@ def test_memory_efficient_gradients_equal_plain_autograd_in_float64(name, units)
         assert ((g_fast - g_plain).norm() / g_plain.norm()) < 1e-9
 
 
+def _grads_and_saved(model, x):
+    """(gradients of x and every parameter, number of tensors autograd saved) of one backward."""
+    saved = []
+    xi = x.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = model(xi)
+    (out.pow(2).sum() + out.sum()).backward()
+    grads = [xi.grad] + [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return grads, len(saved)
+
+
+@pytest.mark.parametrize("name", ["hamiltonian-74", "revnet-38"])
+def test_memory_efficient_setter_switches_the_engine_and_keeps_gradients(name):
+    torch.manual_seed(0)
+    model = build_model(name, units=(4, 4, 4), channels=(4, 8, 8)).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    fast, fast_saved = _grads_and_saved(model, x)
+    model.memory_efficient = False
+    assert model.memory_efficient is False
+    plain, plain_saved = _grads_and_saved(model, x)
+    model.memory_efficient = True
+    again, again_saved = _grads_and_saved(model, x)
+    assert plain_saved > fast_saved == again_saved  # plain autograd stores the blocks' activations
+    for g_fast, g_plain, g_again in zip(fast, plain, again):
+        assert (g_fast - g_plain).norm() <= 1e-9 * g_plain.norm() and torch.equal(g_fast, g_again)
+
+
+def test_resnet_has_no_memory_efficient_mode_to_switch_on():
+    model = build_model("resnet-32", **SMALL)
+    model.memory_efficient = False
+    assert model.memory_efficient is False
+    with pytest.raises(ValueError, match="no reversible units"):
+        model.memory_efficient = True
+
+
 def test_same_state_dict_in_both_modes():
     assert build_model("hamiltonian-74").state_dict().keys() == \
         build_model("hamiltonian-74", memory_efficient=False).state_dict().keys()

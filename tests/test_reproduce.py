@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from revnets import reproduce, train
+from revnets.config import parse_config
 from revnets.cli import main
 
 
@@ -43,7 +44,7 @@ def test_tiny_budget_runs_every_experiment_end_to_end(experiment, folder, tmp_pa
     assert [r["run"] for r in rows] == sorted(run.name for run in runs)
     for row in rows:
         assert row["experiment"] == experiment and row["epochs"] >= 1 and row["params"] > 0
-        assert 0 <= row["final_acc"] <= 1 and 0 <= row["best_acc"] <= 1
+        assert 0 <= row["final_acc"] <= 1 and 0 <= row["best_test_acc"] <= 1
         assert (tmp_path / row["run"] / "summary.json").exists()
     assert (tmp_path / f"{experiment}.png").stat().st_size > 0
 
@@ -92,7 +93,7 @@ def test_dry_run_prints_train_commands_that_parse(experiment, budget, tmp_path, 
     for line in lines:
         words = shlex.split(line)
         assert words[:2] == ["revnets", "train"]
-        config = train.parse_config(words[2:])
+        config = parse_config(words[2:])
         assert Path(config.out).parent == tmp_path
     assert list(tmp_path.iterdir()) == []
 
@@ -141,7 +142,7 @@ def test_bad_grid_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
 
 def test_summary_csv_keeps_rows_of_other_runs(tmp_path):
     row = dict(experiment="deep", run="a-s0", model="a", fraction=1.0, seed=0, epochs=1, final_acc=0.5,
-               best_acc=0.5, wall_s=1.5, peak_mb=10.0, params=100)
+               best_test_acc=0.5, wall_s=1.5, peak_mb=10.0, params=100)
     reproduce.write_summary_csv(tmp_path, [row])
     reproduce.write_summary_csv(tmp_path, [dict(row, run="b-s0", final_acc=0.25)])
     rows = reproduce.read_summary_csv(tmp_path / "summary.csv")
@@ -151,7 +152,7 @@ def test_summary_csv_keeps_rows_of_other_runs(tmp_path):
 def test_summary_row_takes_the_epochs_of_train_defaults_from_the_summary():
     (run,) = reproduce.grid("table1", "paper", {}, models=["hamiltonian-74"])
     assert "epochs" not in run.flags  # the paper budget leaves the recipe to `revnets train`
-    row = reproduce.summary_row(run, dict(epochs=160, final_acc=0.9, best_acc=0.91, wall_s=1.0, peak_mb=2.0,
+    row = reproduce.summary_row(run, dict(epochs=160, final_acc=0.9, best_test_acc=0.91, wall_s=1.0, peak_mb=2.0,
                                           params=3))
     assert row["epochs"] == 160 and row["run"] == "hamiltonian-74-s0" and list(row) == list(reproduce.CSV_FIELDS)
 

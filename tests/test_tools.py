@@ -1,22 +1,27 @@
 """`revnets models`, `revnets plot` and `revnets eval`."""
 import csv
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 import revnets
-from revnets import checkpoint, data
+from revnets import checkpoint, data, plot
 from revnets.cli import main
-from revnets.evaluate import evaluate, training_stats
-from revnets.train import Config, train
+from revnets.config import Config
+from revnets.files import save_png
+from revnets.inference import training_stats
+from revnets.loop import evaluate
 from revnets.networks import MODELS, PAPER_PARAMS
-from revnets.plot import plot_runs, read_metrics, save_png
+from revnets.plot import plot_runs, read_metrics
+from revnets.train import train
 from revnets.zoo import model_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-METRICS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "images_per_s", "peak_mb"]
+METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "images_per_s",
+           "peak_mb"]
 
 
 # ---- revnets models --------------------------------------------------------------------------
@@ -64,21 +69,33 @@ def _write_metrics(run_dir, epochs, offset):
         w = csv.writer(f)
         w.writerow(METRICS)
         for e in range(1, epochs + 1):
-            w.writerow([e, 2 / e + offset, 0.5 + 0.04 * e, 2.2 / e + offset, 0.45 + 0.04 * e, 0.1, 1000.0, 12.5])
+            w.writerow([e, 2 / e + offset, 0.5 + 0.04 * e, 2.1 / e + offset, 0.47 + 0.04 * e, 2.2 / e + offset,
+                        0.45 + 0.04 * e, 0.1 / e, 1000.0, 12.5])
     return run_dir
 
 
-def test_plot_writes_pngs_for_several_runs(tmp_path, capsys):
+def test_plot_writes_pngs_for_several_runs(tmp_path, capsys, monkeypatch):
     a = _write_metrics(tmp_path / "hamiltonian", 5, 0.0)
     b = _write_metrics(tmp_path / "resnet", 5, 0.1)
+    (a / "config.json").write_text('{"name": "hamiltonian-74 (units 1-1-1)"}')
     prefix = tmp_path / "figs" / "cmp"
+    figures, save = {}, plot.save_png
+    monkeypatch.setattr(plot, "save_png", lambda fig, path: figures.setdefault(Path(path).name, fig) and save(fig, path))
     assert main(["plot", str(a), str(b), "--out", str(prefix)]) == 0
     printed = capsys.readouterr().out.split()
-    assert printed == [f"{prefix}_loss.png", f"{prefix}_accuracy.png"]
+    assert printed == [f"{prefix}-loss.png", f"{prefix}-accuracy.png", f"{prefix}-lr.png"]
     for path in printed:
         data = open(path, "rb").read()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000  # a drawn figure, not an empty canvas
     assert not list((tmp_path / "figs").glob(".*.tmp"))
+    accuracy = figures["cmp-accuracy.png"].axes[0]
+    assert accuracy.get_ylabel() == "accuracy (%)" and len(accuracy.lines) == 6  # train, val, test per run
+    assert max(max(line.get_ydata()) for line in accuracy.lines) == pytest.approx(100 * (0.5 + 0.04 * 5))
+    assert all(float(t).is_integer() for t in accuracy.get_xticks())  # epochs are whole numbers
+    labels = [line.get_label() for line in accuracy.lines]
+    assert "hamiltonian: hamiltonian-74 (units 1-1-1) (val)" in labels and "resnet (test)" in labels
+    lr = figures["cmp-lr.png"].axes[0]
+    assert list(lr.lines[0].get_ydata()) == pytest.approx([0.1 / e for e in range(1, 6)])
 
 
 def test_save_png_is_atomic(tmp_path):
@@ -136,21 +153,28 @@ def digits_run(tmp_path_factory):
     return out / "last.pt", summary, data.load_dataset("digits")
 
 
-def _direct(model, ds, subset):
-    """Test logits computed by hand: standardised with the statistics of the run's training subset."""
-    mean, std = data.channel_stats(ds.train_x[subset])
+def _direct(model, ds, train_x):
+    """Test logits computed by hand: standardised with the statistics of the run's training images."""
+    mean, std = data.channel_stats(train_x)
     with torch.no_grad():
         return model((ds.test_x.float() / 255 - mean[:, None, None]) / std[:, None, None])
+
+
+def _held_out(ds, seed):
+    held = torch.zeros(len(ds.train_y), dtype=torch.bool)
+    held[data.stratified_subset(ds.train_y, 0.1, seed)] = True
+    return held
 
 
 def test_evaluate_equals_direct_computation(digits_run):
     path, summary, ds = digits_run
     model, config = checkpoint.load_model(path)
-    subset = data.stratified_subset(ds.train_y, 0.5, 3)
-    assert torch.equal(torch.stack(training_stats(ds, config)), torch.stack(data.channel_stats(ds.train_x[subset])))
+    subset = data.stratified_subset(ds.train_y[~_held_out(ds, 3)], 0.5, 3)  # validation held out first
+    train_x = ds.train_x[~_held_out(ds, 3)][subset]
+    assert torch.equal(torch.stack(training_stats(ds, config)), torch.stack(data.channel_stats(train_x)))
     mean, std = training_stats(ds, config)
     result = evaluate(model, data.Loader(ds.test_x, ds.test_y, 64, mean=mean, std=std, device="cpu", train=False))
-    logits = _direct(model, ds, subset)
+    logits = _direct(model, ds, train_x)
     assert result["images"] == len(ds.test_y) == 360
     assert result["acc"] == pytest.approx((logits.argmax(1) == ds.test_y).double().mean().item(), abs=1.5 / 360)
     assert result["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, ds.test_y).item(), rel=1e-4)
@@ -160,10 +184,12 @@ def test_evaluate_equals_direct_computation(digits_run):
 def test_eval_command_prints_the_runs_accuracy(digits_run, capsys):
     path, summary, ds = digits_run
     assert main(["eval", "--checkpoint", str(path), "--dataset", "digits", "--batch-size", "128"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     printed = float(re.search(r"accuracy ([\d.]+)%", out).group(1))
     assert printed == pytest.approx(100 * summary["final_acc"], abs=100 * 1.5 / 360)
     assert "360 images" in out
+    assert "evaluating" in captured.err  # a bar on a terminal, one line in a log
 
 
 def test_evaluate_bf16_autocast_runs_on_cpu(digits_run):
@@ -179,15 +205,15 @@ def test_evaluate_bf16_autocast_runs_on_cpu(digits_run):
     (["--checkpoint", "{tmp}/missing.pt", "--dataset", "digits"], "missing.pt"),
     (["--checkpoint", "{tmp}/junk.pt", "--dataset", "digits"], "junk.pt"),
     (["--checkpoint", "{ckpt}", "--dataset", "folder", "--data-dir", "{tmp}/grey"], "3 classes"),
-    (["--checkpoint", "{ckpt}", "--dataset", "digits", "--device", "nonsense"], "unknown device"),
+    (["--checkpoint", "{ckpt}", "--dataset", "digits", "--device", "nonsense"], "'nonsense' is not usable here"),
 ])
 def test_eval_bad_inputs_exit_2_with_one_line(argv, expected, digits_run, tmp_path, capsys):
     _write_grey_folder(tmp_path / "grey", classes=3)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     argv = [a.format(tmp=tmp_path, ckpt=digits_run[0]) for a in argv]
     assert main(["eval", *argv]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and expected in err
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the progress lines
+    assert len(err) == 1 and expected in err[0]
 
 
 def _write_grey_folder(root, classes):

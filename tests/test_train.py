@@ -6,7 +6,8 @@ import re
 import pytest
 import torch
 
-from revnets import checkpoint, cli, data, progress, train
+from revnets import checkpoint, cli, data, progress, rundir, train
+from revnets.config import Config, model_from_config, parse_config
 from revnets.engine import AutoSegment
 
 TINY = ["--model", "hamiltonian-74", "--units", "1", "1", "1", "--channels", "8", "16", "32",
@@ -14,8 +15,16 @@ TINY = ["--model", "hamiltonian-74", "--units", "1", "1", "1", "--channels", "8"
 
 
 def _run(tmp_path, *flags, on_epoch=None):
-    config = train.parse_config([*TINY, "--out", str(tmp_path), *flags])
+    config = parse_config([*TINY, "--out", str(tmp_path), *flags])
     return train.train(config, on_epoch=on_epoch)
+
+
+def _exit_code(argv):
+    """`revnets ARGV`'s exit code, from a usage error (argparse exits) or from a refused setting."""
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return e.code
 
 
 def _metrics(run_dir):
@@ -26,7 +35,7 @@ def _metrics(run_dir):
 def test_two_epoch_digits_run_writes_every_file(tmp_path, capsys):
     run = tmp_path / "run"
     summary = _run(run, "--epochs", "2", "--schedule", "cosine", "--lr", "0.2")
-    assert sorted(p.name for p in run.iterdir()) == sorted(train.RUN_FILES)
+    assert sorted(p.name for p in run.iterdir()) == sorted(rundir.RUN_FILES)
     config = json.loads((run / "config.json").read_text())
     assert config["epochs"] == 2 and config["units"] == [1, 1, 1] and config["weight_decay"] == 2e-4
     assert config["versions"]["torch"] == torch.__version__ and "revnets" in config["versions"]
@@ -34,18 +43,25 @@ def test_two_epoch_digits_run_writes_every_file(tmp_path, capsys):
     assert [r["epoch"] for r in rows] == ["1", "2"] and tuple(rows[0]) == progress.FIELDS
     assert all(float(r[k]) > 0 for r in rows for k in progress.FIELDS)
     assert json.loads((run / "summary.json").read_text()) == summary
-    assert summary["final_acc"] == float(rows[-1]["test_acc"]) and summary["best_acc"] >= summary["final_acc"]
+    assert summary["final_acc"] == float(rows[-1]["test_acc"]) and summary["best_on"] == "validation"
+    best = rows[summary["best_epoch"] - 1]
+    assert summary["best_val_acc"] == max(float(r["val_acc"]) for r in rows) == float(best["val_acc"])
+    assert summary["best_test_acc"] == float(best["test_acc"])
     assert summary["params"] > 0 and summary["wall_s"] > 0 and summary["peak_mb"] > 0
-    # best.pt holds the weights that scored best_acc
+    # best.pt holds the weights that scored best on the validation images, held out of training
     model, _ = checkpoint.load_model(run / "best.pt")
-    ds = data.load_dataset("digits")
+    ds = data.subsample(data.load_dataset("digits"), 1.0, 0, 0.1)
+    assert (len(ds.train_y), len(ds.val_y)) == (1293, 144)
     mean, std = data.channel_stats(ds.train_x)
-    test = data.Loader(ds.test_x, ds.test_y, 100, mean=mean, std=std, device="cpu", train=False)
-    with torch.no_grad():
-        correct = sum((model(x).argmax(1) == y).sum().item() for x, y in test)
-    assert correct / len(ds.test_y) == pytest.approx(summary["best_acc"])
+    for x, y, key in ((ds.val_x, ds.val_y, "best_val_acc"), (ds.test_x, ds.test_y, "best_test_acc")):
+        with torch.no_grad():
+            correct = sum((model(a).argmax(1) == b).sum().item() for a, b in
+                          data.Loader(x, y, 100, mean=mean, std=std, device="cpu", train=False))
+        assert correct / len(y) == pytest.approx(summary[key])
     out = capsys.readouterr().out.splitlines()  # not a TTY: no bar, one line per epoch
     assert out[0].startswith("revnets train:") and str(run) in out[0]
+    assert "hamiltonian-74 (units 1-1-1, channels 8-16-32)" in out[0] and "144 validation" in out[0]
+    assert re.search(r"\d s \(ETA \d+ s\)  process peak RSS [\d,]+ MB", out[1]), out[1]
     assert [line.split()[1] for line in out[1:3]] == ["1/2", "2/2"] and f"results in {run}/" in out[-1]
 
 
@@ -67,29 +83,29 @@ def test_killed_run_resumes_to_the_uninterrupted_result_bitwise(tmp_path, schedu
     with pytest.raises(Killed):
         _run(tmp_path / "killed", *flags, on_epoch=_kill_after(1))
     assert len(_metrics(tmp_path / "killed")) == 1 and not (tmp_path / "killed" / "summary.json").exists()
-    restored = train.Run(train.parse_config(["--resume", str(tmp_path / "killed")]))
+    restored = train.Run(parse_config(["--resume", str(tmp_path / "killed")]))
     first = _metrics(tmp_path / "killed")[0]
-    assert (restored.start, restored.best_acc, restored.best_epoch) == (1, float(first["test_acc"]), 1)
+    assert (restored.start, restored.best_acc, restored.best_epoch) == (1, float(first["val_acc"]), 1)
     with open(tmp_path / "killed" / "metrics.csv", "a") as f:  # killed after epoch 2's row, before its checkpoint
         f.write("2" + ",9" * (len(progress.FIELDS) - 1) + "\n")
-    resumed = train.train(train.parse_config(["--resume", str(tmp_path / "killed")]))
+    resumed = train.train(parse_config(["--resume", str(tmp_path / "killed")]))
     a, b = checkpoint.load(tmp_path / "whole" / "last.pt"), checkpoint.load(tmp_path / "killed" / "last.pt")
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
         assert [r[key] for r in _metrics(tmp_path / "whole")] == [r[key] for r in _metrics(tmp_path / "killed")]
-    assert resumed["final_acc"] == whole["final_acc"] and resumed["best_acc"] == whole["best_acc"]
+    assert resumed["final_acc"] == whole["final_acc"] and resumed["best_test_acc"] == whole["best_test_acc"]
 
 
 def test_resume_with_the_same_flags_continues_and_other_flags_are_refused(tmp_path):
     run = tmp_path / "run"
     with pytest.raises(Killed):
         _run(run, "--epochs", "2", on_epoch=_kill_after(1))
-    with pytest.raises(ValueError, match=r"different settings: epochs=2"):
-        train.parse_config([*TINY, "--epochs", "3", "--resume", str(run)])
+    with pytest.raises(ValueError, match=r"different settings: lr=0.1"):
+        parse_config([*TINY, "--lr", "0.5", "--resume", str(run)])
     with pytest.raises(ValueError, match="already holds a run"):
         _run(run, "--epochs", "2")
-    config = train.parse_config([*TINY, "--epochs", "2", "--out", str(run), "--resume", str(run)])
+    config = parse_config([*TINY, "--epochs", "2", "--out", str(run), "--resume", str(run)])
     assert train.train(config)["epochs"] == 2 and len(_metrics(run)) == 2
 
 
@@ -100,12 +116,12 @@ def test_corrupt_or_mismatched_checkpoint_is_refused_on_resume(tmp_path):
     good = (run / "last.pt").read_bytes()
     (run / "last.pt").write_bytes(good[:1000])
     with pytest.raises(ValueError, match="last.pt is not a readable checkpoint"):
-        train.train(train.parse_config(["--resume", str(run)]))
+        train.train(parse_config(["--resume", str(run)]))
     (run / "last.pt").write_bytes(good)
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "lr": 0.5}))
     with pytest.raises(ValueError, match=r"last.pt was saved by a run with other settings: lr=0.1 \(now 0.5\)"):
-        train.train(train.parse_config(["--resume", str(run)]))
+        train.train(parse_config(["--resume", str(run)]))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -113,13 +129,13 @@ def test_corrupt_or_mismatched_checkpoint_is_refused_on_resume(tmp_path):
     (["--train-fraction", "0"], r"--train-fraction must lie in \(0, 1\]; got 0.0"),
     (["--train-fraction", "1.5"], r"--train-fraction must lie in \(0, 1\]; got 1.5"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "--data-dir /nonexistent/cifar does not exist"),
-    (["--dataset", "imagenet"], "unknown dataset 'imagenet'; expected one of cifar10,"),
+    (["--dataset", "imagenet"], "invalid choice: 'imagenet' \\(choose from 'cifar10',"),
     (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: no last.pt"),
     (["--epochs", "4", "--grow-at", "4"], r"--grow-at epochs must lie in \[1, 4\)"),
     (["--model", "revnet-38", "--grow-at", "4"], "--grow-at halves the step size h, which revnet-38 does not have"),
 ])
 def test_bad_flags_end_with_one_line_and_exit_code_2(argv, message, capsys):
-    assert cli.main(["train", *argv]) == 2
+    assert _exit_code(["train", *argv]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.splitlines()) == 1
     assert captured.err.startswith("revnets train: error: ")
@@ -127,12 +143,12 @@ def test_bad_flags_end_with_one_line_and_exit_code_2(argv, message, capsys):
 
 
 def test_dataset_recipe_fills_only_the_flags_not_given():
-    cifar, stl = train.Config(dataset="cifar10"), train.Config(dataset="stl10", batch_size=64)
+    cifar, stl = Config(dataset="cifar10"), Config(dataset="stl10", batch_size=64)
     assert (cifar.batch_size, cifar.milestones, cifar.weight_decay, cifar.smoothness, cifar.epochs) == \
         (100, (80, 120, 160), 2e-4, 2e-4, 160)
     assert (stl.batch_size, stl.milestones, stl.weight_decay, stl.smoothness) == (64, (60, 80, 100), 5e-4, 3e-4)
     assert (cifar.lr, cifar.momentum, cifar.schedule) == (0.1, 0.9, "step")
-    assert train.parse_config(["--dataset", "stl10", "--weight-decay", "0"]).weight_decay == 0
+    assert parse_config(["--dataset", "stl10", "--weight-decay", "0"]).weight_decay == 0
 
 
 def test_step_schedule_divides_by_ten_at_the_milestones(tmp_path):
@@ -148,7 +164,7 @@ def test_mixed_precision_and_channels_last_run_on_cpu(tmp_path, flags):
 
 def test_train_fraction_trains_on_the_stratified_subset(tmp_path, capsys):
     _run(tmp_path, "--epochs", "1", "--train-fraction", "0.1")
-    assert "(144 train / 360 test images)" in capsys.readouterr().out
+    assert "(129 train / 144 validation / 360 test images)" in capsys.readouterr().out
 
 
 def test_metrics_csv_keeps_rows_up_to_an_epoch_and_tensorboard_is_optional(tmp_path):
@@ -167,7 +183,7 @@ def test_growth_doubles_the_blocks_and_a_resumed_run_grows_before_loading(tmp_pa
     whole = _run(tmp_path / "whole", *flags)
     with pytest.raises(Killed):
         _run(tmp_path / "killed", *flags, on_epoch=_kill_after(kill_after))
-    train.train(train.parse_config(["--resume", str(tmp_path / "killed")]))
+    train.train(parse_config(["--resume", str(tmp_path / "killed")]))
     model, config = checkpoint.load_model(tmp_path / "killed" / "last.pt")
     assert [len(unit.blocks) for unit in model.units] == [2, 2, 2]  # 1 block each, split in two
     assert {block.h for unit in model.units for block in unit.blocks} == {0.05}
@@ -175,7 +191,7 @@ def test_growth_doubles_the_blocks_and_a_resumed_run_grows_before_loading(tmp_pa
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     rows = _metrics(tmp_path / "whole")
-    assert whole["params"] > sum(p.numel() for p in checkpoint.model_from_config(config, 10, 1).parameters())
+    assert whole["params"] > sum(p.numel() for p in model_from_config(config, 10, 1).parameters())
     drift = [float(r["drift_max"]) for r in rows]
     assert all(0 <= d < 1e-4 for d in drift)  # float32 Hamiltonian reversal on digits: tiny, measured each epoch
     assert [r["test_acc"] for r in rows] == [r["test_acc"] for r in _metrics(tmp_path / "killed")]
@@ -208,5 +224,125 @@ def test_block_flags_reach_the_network_and_its_checkpoint(tmp_path, flags, check
 
 @pytest.mark.parametrize("flags", [["--segment", "0"], ["--segment", "many"], ["--norm", "layer"]])
 def test_bad_block_flags_end_with_one_line(tmp_path, capsys, flags):
-    assert cli.main(["train", *TINY, "--out", str(tmp_path / "run"), *flags]) == 2
+    assert _exit_code(["train", *TINY, "--out", str(tmp_path / "run"), *flags]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+# ---- faults stop the run; the files keep the last finite state ----------------------------------
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_finite_epoch(tmp_path, monkeypatch):
+    real, calls = train.train_step, []
+
+    def poisoned_in_epoch_2(model, opt, x, y, **kw):  # the real step; NaN batches after epoch 1 (6 steps)
+        calls.append(1)
+        return real(model, opt, x * float("nan") if len(calls) > 6 else x, y, **kw)
+    monkeypatch.setattr(train, "train_step", poisoned_in_epoch_2)
+    with pytest.raises(train.NonFiniteError, match=r"non-finite loss at epoch 2, step 1 of 6; .*last.pt holds epoch 1"):
+        _run(tmp_path, "--epochs", "3")
+    for name in ("last.pt", "best.pt"):
+        ckpt = checkpoint.load(tmp_path / name)
+        assert ckpt["epoch"] == 1 and checkpoint.count_nonfinite(ckpt["model"]) == 0
+    assert len(_metrics(tmp_path)) == 1 and not (tmp_path / "summary.json").exists()
+
+
+def test_a_diverging_learning_rate_exits_3_with_one_line(tmp_path, capsys):
+    assert cli.main(["train", *TINY, "--epochs", "2", "--lr", "1e6", "--out", str(tmp_path / "run")]) == 3
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and re.match(r"revnets train: stopped: non-finite (loss|gradient) at epoch 1, step \d", err)
+    assert "nothing was saved" in err and "--lr (now 1e+06) or --h" in err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_eval_refuses_a_checkpoint_with_non_finite_weights(tmp_path, capsys):
+    _run(tmp_path, "--epochs", "1")
+    ckpt = checkpoint.load(tmp_path / "last.pt")
+    ckpt["model"]["head.weight"][0, 0] = float("nan")
+    checkpoint.save(tmp_path / "nan.pt", ckpt)
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "nan.pt"), "--dataset", "digits"]) == 2
+    assert "nan.pt holds 1 non-finite weights" in capsys.readouterr().err
+
+
+# ---- validation, runs that grow, runs started from weights ---------------------------------------
+
+def test_without_a_validation_split_best_is_chosen_on_test_and_said_so(tmp_path, capsys):
+    summary = _run(tmp_path, "--epochs", "2", "--val-fraction", "0")
+    rows = _metrics(tmp_path)
+    assert summary["best_on"] == "test" and summary["best_val_acc"] is None
+    assert summary["best_test_acc"] == max(float(r["test_acc"]) for r in rows)
+    assert all(r["val_acc"] == "" for r in rows)
+    out = capsys.readouterr().out
+    assert "(1,437 train / 360 test images)" in out and "best.pt is chosen on the test set" in out
+
+
+def test_resume_with_more_epochs_continues_as_one_longer_run_bitwise(tmp_path):
+    flags = ["--seed", "2", "--lr", "0.05"]
+    longer = _run(tmp_path / "long", *flags, "--epochs", "3", "--milestones", "1", "2")
+    _run(tmp_path / "grown", *flags, "--epochs", "2")  # default milestones for 2 epochs: 1 and 2
+    with pytest.raises(ValueError, match="different settings: lr=0.05"):
+        parse_config(["--resume", str(tmp_path / "grown"), "--epochs", "3", "--lr", "0.1"])
+    grown = train.train(parse_config(["--resume", str(tmp_path / "grown"), "--epochs", "3"]))
+    assert [r["lr"] for r in _metrics(tmp_path / "grown")] == [r["lr"] for r in _metrics(tmp_path / "long")]
+    a, b = checkpoint.load(tmp_path / "long" / "last.pt"), checkpoint.load(tmp_path / "grown" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert grown["final_acc"] == longer["final_acc"] and grown["epochs"] == 3
+    config = json.loads((tmp_path / "grown" / "config.json").read_text())
+    assert config["epochs"] == 3 and config["extended"] == [dict(after_epoch=2, epochs=2, milestones=[1, 2])]
+    with pytest.raises(ValueError, match="already trained 3 epochs"):
+        train.train(parse_config(["--resume", str(tmp_path / "grown"), "--epochs", "2"]))
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tmp_path):
+    _run(tmp_path / "first", "--epochs", "1")
+    weights = checkpoint.load(tmp_path / "first" / "last.pt")["model"]
+    run = train.Run(parse_config([*TINY, "--epochs", "1", "--out", str(tmp_path / "second"), "--init-from",
+                                  str(tmp_path / "first" / "last.pt")]))
+    assert run.start == 0 and all(torch.equal(run.net.state_dict()[k], weights[k]) for k in weights)
+    assert not (tmp_path / "second").exists()  # making a Run writes nothing
+    with pytest.raises(ValueError, match="last.pt does not match the model"):
+        train.Run(parse_config([*TINY, "--channels", "8", "8", "8", "--out", str(tmp_path / "third"),
+                                "--init-from", str(tmp_path / "first" / "last.pt")]))
+    run.fit()
+    (tmp_path / "first" / "last.pt").unlink()  # a run started from weights resumes from its own
+    assert train.train(parse_config(["--resume", str(tmp_path / "second"), "--epochs", "2"]))["epochs"] == 2
+
+
+def test_weights_that_overflow_in_the_last_step_of_an_epoch_are_not_saved(tmp_path, monkeypatch):
+    real, calls = train.train_step, []
+
+    def overflowing(model, opt, x, y, **kw):  # the real step; then, at epoch 1's last step, an infinite weight
+        result = real(model, opt, x, y, **kw)
+        calls.append(1)
+        if len(calls) == 6:
+            opt.param_groups[0]["params"][0].data[0] = float("inf")
+        return result
+    monkeypatch.setattr(train, "train_step", overflowing)
+    with pytest.raises(train.NonFiniteError, match="non-finite weights after epoch 1; .*nothing was saved"):
+        _run(tmp_path, "--epochs", "2")
+    assert not (tmp_path / "last.pt").exists() and not (tmp_path / "best.pt").exists()
+
+
+def test_long_steps_print_one_line_each_when_not_a_terminal(capsys):
+    assert list(progress.bar(range(3), "decoding", enabled=False)) == [0, 1, 2]
+    assert capsys.readouterr().err == "decoding (3)\n"
+    assert progress.duration(42) == "42 s" and progress.duration(600) == "10 min" and progress.duration(9000) == "2.5 h"
+
+
+def test_resume_may_move_the_decays_that_have_not_happened_yet(tmp_path):
+    flags = ["--train-fraction", "0.2", "--val-fraction", "0"]
+    _run(tmp_path / "whole", *flags, "--epochs", "5", "--milestones", "3", "4")
+    _run(tmp_path / "grown", *flags, "--epochs", "2", "--milestones", "3")
+    train.train(parse_config(["--resume", str(tmp_path / "grown"), "--epochs", "5", "--milestones", "3", "4"]))
+    lrs = [float(r["lr"]) for r in _metrics(tmp_path / "grown")]
+    assert lrs == [float(r["lr"]) for r in _metrics(tmp_path / "whole")] == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.001])
+
+
+def test_a_run_saved_before_validation_splits_existed_resumes_without_one(tmp_path):
+    with pytest.raises(Killed):
+        _run(tmp_path, "--epochs", "2", "--val-fraction", "0", on_epoch=_kill_after(1))
+    config = json.loads((tmp_path / "config.json").read_text())  # as an older revnets wrote it: no
+    old = {k: v for k, v in config.items() if k not in ("val_fraction", "init_from")}  # val_fraction, init_from
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    ckpt = checkpoint.load(tmp_path / "last.pt")
+    ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k not in ("val_fraction", "init_from")}
+    checkpoint.save(tmp_path / "last.pt", ckpt)
+    assert train.train(parse_config(["--resume", str(tmp_path)]))["best_on"] == "test"

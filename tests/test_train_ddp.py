@@ -6,17 +6,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from revnets import checkpoint, evaluate, train
+from revnets import checkpoint, loop, train
+from revnets.config import parse_config
 
 ARGV = ["--model", "hamiltonian-74", "--units", "2", "2", "2", "--channels", "8", "16", "32", "--epochs", "1",
-        "--train-fraction", "0.1", "--batch-size", "200", "--lr", "1", "--weight-decay", "0", "--smoothness", "0"]
+        "--train-fraction", "0.1", "--batch-size", "200", "--lr", "1", "--weight-decay", "0", "--smoothness", "0",
+        "--val-fraction", "0"]
 
 
 def _worker(rank, world, store, run_dir):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     out = run_dir if rank == 0 else f"{run_dir}-rank{rank}"  # only rank 0 may write
-    train.train(train.parse_config([*ARGV, "--out", str(out)]))
+    train.train(parse_config([*ARGV, "--out", str(out)]))
     dist.destroy_process_group()
 
 
@@ -29,7 +31,7 @@ def test_ddp_step_equals_the_average_of_the_shards_gradients(tmp_path):
     # Reference in this process: the same initial network, each rank's share of the one global batch
     # (144 images), and the mean of the two shards' gradients (BatchNorm normalises each shard with its
     # own statistics, so this, not the full-batch gradient, is what DDP computes).
-    config = train.parse_config([*ARGV, "--out", str(tmp_path / "ref")])
+    config = parse_config([*ARGV, "--out", str(tmp_path / "ref")])
     ds = train.load_data(config)
     model = train.make_model(config, ds, torch.device("cpu"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -59,7 +61,7 @@ def test_ddp_step_equals_the_average_of_the_shards_gradients(tmp_path):
     model.load_state_dict(after)
     sums = 0
     for rank in range(2):
-        sums = sums + evaluate.totals(model, train.loaders(config, ds, torch.device("cpu"), rank, 2)[1])
+        sums = sums + loop.totals(model, train.loaders(config, ds, torch.device("cpu"), rank, 2)[2])
     loss_sum, correct, images = sums.tolist()
     assert images == len(ds.test_y)
     assert abs(float(row["test_loss"]) - loss_sum / images) < 1e-7 and float(row["test_acc"]) == correct / images

@@ -1,0 +1,91 @@
+"""Files that survive a kill: every file revnets writes goes through `atomic_write`.
+
+A temporary file next to the target is written, flushed, fsynced and renamed over the target, so
+a kill leaves the old file or the new one, never half of one. JSON, CSV and PNG writers on top of
+it are used by `checkpoint`, `data`, `progress`, `plot`, `report`, `reproduce` and the run
+directory. `deferred_interrupt` holds a Ctrl-C back while a group of files is written.
+"""
+import contextlib
+import csv
+import json
+import math
+import os
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+
+def atomic_write(path: str | os.PathLike, write, text: bool = False) -> None:
+    """Call write(file) on a temporary file next to `path` (binary, or text with `text`), flush,
+    fsync, rename it over `path`: a kill leaves the old file or the new one, and a failure nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # readable like any data file (mkstemp makes it private)
+        with (os.fdopen(fd, "w", newline="") if text else os.fdopen(fd, "wb")) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def finite(obj):
+    """JSON-safe copy of `obj`: NaN and infinities become None (JSON has no such numbers)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: dict, indent: int = 2) -> None:
+    """`obj` as JSON (non-finite numbers as null), written atomically."""
+    atomic_write(path, lambda f: f.write(json.dumps(finite(obj), indent=indent, allow_nan=False) + "\n"), text=True)
+
+
+def write_csv(path: str | os.PathLike, fields: tuple[str, ...], rows: list[dict]) -> None:
+    """`rows` (dicts; missing keys blank, others ignored) under a header of `fields`, written atomically."""
+    def write(f):
+        writer = csv.DictWriter(f, fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    atomic_write(path, write, text=True)
+
+
+def read_csv(path: str | os.PathLike) -> list[dict]:
+    """The rows of a CSV file with a header, as dicts of strings ([] when there is no file)."""
+    if not Path(path).exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def save_png(fig, path: str | os.PathLike) -> Path:
+    """Write a matplotlib figure to `path` as a PNG (120 dpi), atomically; return the path."""
+    path = Path(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    return path
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold SIGINT (Ctrl-C) back until the block has run, then raise KeyboardInterrupt: files written
+    together (a run's checkpoints) are all written or none. Outside the main thread: no effect."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt

@@ -1,0 +1,129 @@
+"""A run directory (`revnets train --out DIR`): its files, one writer at a time, and the checks that
+let a killed or finished run go on.
+
+    config.json    every setting (`config.config_dict`), and "extended" when --resume grew the run
+    metrics.csv    one row per epoch (`progress.FIELDS`)
+    last.pt        the state after the last finished epoch: model, optimiser, schedule, RNG
+    best.pt        the state after the best epoch (validation accuracy; test without a validation split)
+    summary.json   written when the run ends
+
+A lock (DIR/.lock, an flock holding the owner's pid) admits one writer; the kernel releases it when
+its owner dies, so a lock left by a killed run is taken over with a note. Checkpoints are written
+last.pt first, then best.pt, with Ctrl-C held back in between; a kill between the two (or any
+other) is repaired on resume (`RunDir.repair`).
+"""
+import contextlib
+import fcntl
+import json
+import os
+from pathlib import Path
+
+from . import checkpoint
+from .config import GROWABLE, Config, changed_settings, check_extension, config_dict
+from .files import deferred_interrupt, write_json
+
+RUN_FILES = ("config.json", "metrics.csv", "last.pt", "best.pt", "summary.json")
+
+
+class RunDir:
+    """The files of one run under `path`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.config, self.last, self.best, self.summary = (self.path / f for f in
+                                                           ("config.json", "last.pt", "best.pt", "summary.json"))
+
+    def check_writable(self, resume: bool) -> None:
+        """ValueError unless a run can be written here: a directory (or none yet) in a writable place,
+        holding no other run unless `resume`."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"--out {self.path} is a file, not a directory")
+        existing = next(p for p in (self.path, *self.path.absolute().parents) if p.exists())
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {self.path}: cannot write in {existing} (permission denied)")
+        if not resume and self.last.exists():
+            raise ValueError(f"{self.path} already holds a run; continue it with --resume {self.path} "
+                             "or choose another --out")
+
+    def resume_checkpoint(self, config: Config, device) -> dict:
+        """last.pt, on `device`, if `config` continues its run (the same settings; --epochs and
+        --milestones may grow it, `config.check_extension`); ValueError naming what differs."""
+        ckpt = checkpoint.load(self.last, map_location=device)
+        if not isinstance(ckpt["config"], dict):
+            raise ValueError(f"{self.last} has no settings (its config is a {type(ckpt['config']).__name__})")
+        differ = {k: v for k, v in changed_settings(ckpt["config"], config).items() if k not in GROWABLE}
+        if differ:
+            raise ValueError(f"{self.last} was saved by a run with other settings: "
+                             + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in differ.items()))
+        check_extension(Config.from_dict({**ckpt["config"], "resume": str(self.path)}), config, ckpt["epoch"])
+        return ckpt
+
+    def stamp(self) -> tuple[int, int] | None:
+        """(mtime_ns, size) of last.pt: whether it changed between reading and locking."""
+        return (lambda s: (s.st_mtime_ns, s.st_size))(self.last.stat()) if self.last.exists() else None
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold DIR/.lock (created with DIR if need be) for the block; ValueError if another process holds it.
+        A directory created here and left empty is removed again."""
+        created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = self.path / ".lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(fd).st_ino  # not unlinked meanwhile
+            except BlockingIOError:
+                held = False
+            owner = os.pread(fd, 64, 0).decode().strip()
+            if not held:
+                raise ValueError(f"{self.path} is in use by another revnets train (pid {owner or '?'}); wait "
+                                 "for it to end or choose another --out")
+            if owner:
+                print(f"note: taking over {lock}, left by pid {owner}, which no longer runs", flush=True)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                yield self
+            finally:
+                os.unlink(lock)
+        finally:
+            os.close(fd)
+            if created:
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()  # only if nothing was written
+
+    def repair(self, last: dict) -> None:
+        """After a kill, make best.pt agree with last.pt (the kill fell between the two) and drop a
+        summary.json of an earlier end (the run goes on). ValueError if the best epoch is lost."""
+        best_epoch = last.get("best_epoch", 0)
+        held = checkpoint.load(self.best)["epoch"] if self.best.exists() else None
+        if best_epoch and held != best_epoch:
+            if best_epoch != last["epoch"]:
+                raise ValueError(f"{self.best} holds epoch {held}, not the run's best epoch {best_epoch}, which no "
+                                 "file holds any more; restore it or start a new run")
+            checkpoint.save(self.best, last)
+            print(f"note: repaired {self.best} (the run was stopped before it held epoch {best_epoch})", flush=True)
+        self.summary.unlink(missing_ok=True)
+
+    def write_config(self, config: Config, start: int) -> None:
+        """config.json of `config`, `start` epochs in; a resumed run that grew keeps the record of
+        each extension under "extended" (after_epoch, and the epochs and milestones it had)."""
+        content = config_dict(config)
+        if start:
+            saved = json.loads(self.config.read_text())
+            content["extended"] = saved.get("extended", [])
+            if (saved["epochs"], tuple(saved["milestones"])) != (config.epochs, config.milestones):
+                content["extended"].append(dict(after_epoch=start, epochs=saved["epochs"], milestones=saved["milestones"]))
+        write_json(self.config, content)
+
+    def save(self, state: dict, best: bool) -> None:
+        """last.pt, then best.pt when `best`; a Ctrl-C waits until both are written."""
+        with deferred_interrupt():
+            checkpoint.save(self.last, state)
+            if best:
+                checkpoint.save(self.best, state)
+
+    def write_summary(self, summary: dict) -> None:
+        write_json(self.summary, summary)

@@ -1,0 +1,200 @@
+"""Trained models you can use: checkpoints that carry their preprocessing, `revnets.load`,
+`revnets predict`, `revnets eval` without dataset flags, torch.export and ONNX."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import revnets
+from revnets import checkpoint, data
+from revnets.cli import main
+from revnets.config import Config
+from revnets.train import train
+
+CLASSES = ["blue", "green", "red"]
+
+
+def _write_folder(root):
+    """An RGB image folder, 8x8 PNGs, 3 classes told apart by their dominant colour channel."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("test", 3)):
+        for c, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 90, (8, 8, 3), dtype=np.uint8)
+                pixels[..., 2 - c] += 160
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 1-epoch run of a tiny Hamiltonian network on the folder: (run directory, data root, summary)."""
+    root = tmp_path_factory.mktemp("inference")
+    _write_folder(root / "images")
+    summary = train(Config(dataset="folder", data_dir=str(root / "images"), model="hamiltonian-74", units=(1, 1, 1),
+                           channels=(8, 8, 8), epochs=1, batch_size=8, schedule="onecycle", device="cpu",
+                           out=str(root / "run")))
+    return root / "run", root / "images", summary
+
+
+def _pixels(files):
+    """The files' pixels as floats in [0, 1], (N, 3, 8, 8) float64: the reference decoding."""
+    return torch.from_numpy(np.stack([np.asarray(Image.open(f)) for f in files])).permute(0, 3, 1, 2).double() / 255
+
+
+def _training_stats(images):
+    """Float64 mean and std, (3,), of the images the run trained on: the folder's training split
+    without the validation images it held out (`data.subsample`, the run's default 10 %)."""
+    ds = data.subsample(data.load_dataset("folder", images), 1.0, 0, Config().val_fraction)
+    assert len(ds.train_y) < 24  # validation was held out
+    pixels = ds.train_x.double() / 255
+    return pixels.mean(dim=(0, 2, 3)), pixels.std(dim=(0, 2, 3), correction=0)
+
+
+def _reference(run_dir, x):
+    """Logits of the checkpoint's bare network on x (N, 3, H, W) in [0, 1], standardised by hand in
+    float64 with the training images' statistics."""
+    mean, std = _training_stats(run_dir.parent / "images")
+    net, _ = checkpoint.load_model(run_dir / "best.pt")
+    with torch.no_grad():
+        return net.double()(((x.double() - mean[:, None, None]) / std[:, None, None]))
+
+
+def test_checkpoint_holds_classes_input_size_and_standardisation(run):
+    run_dir, images, _ = run
+    meta = checkpoint.load(run_dir / "best.pt")["meta"]
+    mean, std = _training_stats(images)
+    assert meta["classes"] == CLASSES and meta["in_channels"] == 3 and tuple(meta["image_size"]) == (8, 8)
+    torch.testing.assert_close(meta["mean"].double(), mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(meta["std"].double(), std, rtol=0, atol=1e-6)
+    assert meta["network"]["model"] == "hamiltonian-74" and tuple(meta["network"]["units"]) == (1, 1, 1)
+
+
+def test_load_gives_an_eval_model_of_unit_range_images(run):
+    run_dir, images, _ = run
+    model = revnets.load(run_dir / "best.pt")
+    files = sorted((images / "test").rglob("*.png"))
+    x = _pixels(files).float()
+    assert not model.training and model.classes == CLASSES and model.image_size == (8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).double(), _reference(run_dir, x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="float images in \\[0, 1\\]"):
+        model((x * 255).to(torch.uint8))
+
+
+def test_predict_prints_path_class_probability_as_load_computes(run, capsys):
+    run_dir, images, _ = run
+    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), str(images / "test")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    files = sorted((images / "test").rglob("*.png"))
+    with torch.no_grad():
+        probs = revnets.load(run_dir / "best.pt")(_pixels(files).float()).softmax(1)
+    assert [line.split("\t")[0] for line in lines] == [str(f) for f in files]
+    for line, p in zip(lines, probs):
+        path, name, prob = line.split("\t")
+        assert name == CLASSES[p.argmax()] and float(prob) == pytest.approx(p.max().item(), abs=1e-4)
+
+
+def test_predict_topk_json(run, capsys):
+    run_dir, images, _ = run
+    file = images / "test" / "red" / "0.png"
+    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--topk", "3", "--json", str(file)]) == 0
+    [result] = json.loads(capsys.readouterr().out)
+    with torch.no_grad():
+        probs = revnets.load(run_dir / "best.pt")(_pixels([file]).float()).softmax(1)[0]
+    assert result["path"] == str(file)
+    assert [p["class"] for p in result["predictions"]] == [CLASSES[i] for i in probs.argsort(descending=True)]
+    assert [p["probability"] for p in result["predictions"]] == pytest.approx(probs.sort(descending=True).values.tolist())
+
+
+def test_predict_converts_grey_and_resizes_other_sizes_with_a_note(run, tmp_path, capsys):
+    run_dir, images, _ = run
+    grey = np.full((16, 16), 200, np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), str(tmp_path / "grey.png")]) == 0
+    out, err = capsys.readouterr()
+    with torch.no_grad():
+        p = revnets.load(run_dir / "best.pt")(torch.full((1, 3, 8, 8), 200 / 255)).softmax(1)[0]
+    assert out.split("\t")[1] == CLASSES[p.argmax()] and float(out.split("\t")[2]) == pytest.approx(p.max().item(), abs=1e-4)
+    assert "grey.png resized to the training size 8x8" in err
+
+
+@pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n truncated", b"not an image"])
+def test_predict_bad_file_is_one_line_naming_it_and_exit_2(run, tmp_path, capsys, content):
+    run_dir, images, _ = run
+    (tmp_path / "bad.png").write_bytes(content)
+    good = images / "test" / "red" / "0.png"
+    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), str(good), str(tmp_path / "bad.png")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "\n" not in err.strip() and "bad.png" in err
+
+
+@pytest.mark.parametrize("argv, expected", [(["--topk", "4", "{good}"], "exceeds the model's 3 classes"),
+                                            (["{tmp}/missing.png"], "missing.png does not exist"),
+                                            (["{tmp}"], "holds no .png/.jpg/.jpeg images")])
+def test_predict_bad_arguments_exit_2_with_one_line(run, tmp_path, capsys, argv, expected):
+    run_dir, images, _ = run
+    argv = [a.format(good=images / "test" / "red" / "0.png", tmp=tmp_path) for a in argv]
+    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "\n" not in err.strip() and expected in err
+
+def test_eval_needs_no_dataset_flags_and_reads_no_training_split(run, capsys, monkeypatch):
+    run_dir, _, summary = run
+    monkeypatch.setattr(data, "channel_stats", None)  # statistics come from the checkpoint
+    read = data.load_dataset
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **kw: read(*a, **kw) if kw.get("train") is False else None)
+    assert main(["eval", "--checkpoint", str(run_dir / "last.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "on folder test (9 images)" in out
+    accuracy = float(out.split("accuracy ")[1].rstrip("%\n"))
+    assert accuracy == pytest.approx(100 * summary["final_acc"], abs=0.005)  # printed to 2 decimals
+
+
+def test_checkpoint_without_meta_still_loads_with_a_note(run, tmp_path, capsys):
+    run_dir, images, summary = run
+    old = checkpoint.load(run_dir / "last.pt")
+    del old["meta"]
+    checkpoint.save(tmp_path / "old.pt", old)
+    model = revnets.load(tmp_path / "old.pt")
+    note = capsys.readouterr().err
+    assert note.count("\n") == 1 and "old.pt" in note and "recomputed" in note
+    x = _pixels(sorted((images / "test").rglob("*.png"))).float()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), revnets.load(run_dir / "last.pt")(x), rtol=0, atol=1e-5)
+    assert model.classes == CLASSES
+    assert main(["eval", "--checkpoint", str(tmp_path / "old.pt")]) == 0
+    accuracy = float(capsys.readouterr().out.split("accuracy ")[1].rstrip("%\n"))
+    assert accuracy == pytest.approx(100 * summary["final_acc"], abs=0.005)  # printed to 2 decimals
+
+
+def test_torch_export_of_a_loaded_model_includes_the_standardisation(run):
+    run_dir, images, _ = run
+    model = revnets.load(run_dir / "best.pt")
+    x = _pixels(sorted((images / "test").rglob("*.png"))).float()
+    exported = torch.export.export(model, (x,))
+    names = [n.target.__name__ for n in exported.graph.nodes if n.op == "call_function"]
+    assert names[:2] == ["sub.Tensor", "div.Tensor"]  # (x - mean) / std before the stem
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x).double(), _reference(run_dir, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.onnx's own use of a deprecated pytree API
+def test_onnx_export_of_a_loaded_model_matches_it(run):
+    pytest.importorskip("onnxscript")  # the test extra installs it
+    from onnx.reference import ReferenceEvaluator
+    run_dir, images, _ = run
+    model = revnets.load(run_dir / "best.pt")
+    x = _pixels(sorted((images / "test").rglob("*.png"))).float()
+    proto = torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
+    [out] = ReferenceEvaluator(proto).run(None, {proto.graph.input[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out).double(), _reference(run_dir, x), rtol=1e-4, atol=1e-4)
+
+
+def test_read_image_names_a_file_it_cannot_decode(tmp_path):
+    (tmp_path / "x.jpg").write_bytes(b"\xff\xd8 not really")
+    with pytest.raises(ValueError, match="x.jpg is not a readable image"):
+        data.read_image(tmp_path / "x.jpg")
+
