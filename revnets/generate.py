@@ -34,7 +34,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy (default: 1)")
     p.add_argument("--top-k", type=positive_int, help="sample among the K most likely tokens (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="where to run the model (default: cpu)")
     p.set_defaults(func=_main)
 
 
