@@ -10,10 +10,11 @@ from .engine import invert, reversible, sequential
 from .drift import DriftMonitor, reversal_error
 from .multilevel import grow
 from .inference import Classifier, load
+from .transformer import LM_MODELS, ReversibleTransformer, build_lm
 from . import analysis, blocks, exact
 
 __all__ = ["AdditiveCoupling", "BasicBlock", "Coupling", "HamiltonianBlock", "LeapfrogBlock", "MidPointBlock",
            "ReversibleBlock", "RevNetBlock", "SCHEMES", "Scheme", "get_scheme", "register_scheme", "MODELS",
            "Network", "ReversibleStack", "build_model", "list_models", "register_model", "smoothness_penalty",
            "invert", "reversible", "sequential", "DriftMonitor", "reversal_error", "grow", "analysis", "blocks", "exact",
-           "Classifier", "load"]
+           "Classifier", "load", "LM_MODELS", "ReversibleTransformer", "build_lm"]

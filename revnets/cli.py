@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command_modules() -> list:
-    from . import evaluate, plot, predict, report, reproduce, train, zoo
-    return [zoo, plot, evaluate, predict, reproduce, train, report]
+    from . import evaluate, generate, plot, predict, report, reproduce, train, zoo
+    return [zoo, plot, evaluate, predict, reproduce, train, report, generate]
 
 
 def import_modules(argv: list[str]) -> None:

@@ -230,7 +230,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     and each help text names its default."""
     d = Config.__dataclass_fields__
     a = p.add_argument
-    a("--dataset", choices=DATASETS, help="what to train on (default: digits, offline)")
+    a("--dataset", choices=(*DATASETS, "text"), help="what to train on; text: UTF-8 files and a language model "
+                                                    "(--model <scheme>-lm-small, revnets.lm) (default: digits, offline)")
     a("--data-dir", help="where the dataset lives: CIFAR archive, stl10_binary, or image-folder root "
                          "(default: ./data; digits needs none)")
     a("--download", action="store_true", help="fetch CIFAR archives from their official address")

@@ -392,11 +392,16 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a network with the paper's recipe", description="\n\n".join(
         paragraphs), formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
     add_arguments(p)
+    from . import lm  # text runs (lm imports this module)
+    lm.add_arguments(p)
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
     """Exit codes: 0 done, 2 bad input (cli), 3 stopped on a non-finite value, 130 interrupted."""
+    if getattr(args, "dataset", None) == "text":  # language models: their own loop
+        from . import lm
+        return lm.main(args)
     try:
         train(config_from_args(args))
     except NonFiniteError as e:

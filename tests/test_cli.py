@@ -73,8 +73,8 @@ def test_import_of_a_missing_module_is_one_line_and_exit_code_2(capsys):
 def test_library_modules_import_no_command_module():
     """Data flows one way: cli -> commands -> library; the library never imports a command module."""
     library = ["config", "rundir", "files", "loop", "train", "data", "checkpoint", "inference", "progress", "engine",
-               "networks"]
-    commands = ["cli", "evaluate", "predict", "plot", "report", "reproduce", "zoo"]
+               "networks", "transformer", "text", "lm"]
+    commands = ["cli", "evaluate", "predict", "plot", "report", "reproduce", "zoo", "generate"]
     code = (f"import sys; import {', '.join('revnets.' + m for m in library)}; "
             f"print([m for m in {commands} if 'revnets.' + m in sys.modules])")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

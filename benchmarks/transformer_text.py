@@ -1,0 +1,197 @@
+"""Reversible transformers on real text: every scheme with one shared CPU budget, and memory in depth.
+
+    OMP_NUM_THREADS=1 python benchmarks/transformer_text.py    # about 10 minutes of one core
+
+Text: the King James Bible of Debian's `bible-kjv-text` (installed with apt-get when missing; the
+`bible` program of `bible-kjv` decodes it), character level, the last 10% held out. Every scheme
+trains the same model size (width 64, 6 blocks, 4 heads, context 64; about 0.31M parameters) on the
+same batches (16 windows) for the same number of AdamW steps, at each of two learning rates;
+validation bits per character every STEPS / 10 steps on the first 8,192 held-out characters. Then,
+in a fresh process per configuration, one training step at depths 6, 24 and 96 (batch 32): bytes
+of the activations autograd saves (saved_tensors_hooks) and the peak of the process's resident
+memory during the step above its resident memory before it (Linux VmHWM, reset through
+/proc/self/clear_refs), with glibc's default malloc and with a fixed mmap threshold; and the
+step time of each scheme against `residual` at depth 24 (steps interleaved, median). Writes
+docs/figures/transformers.json and docs/figures/transformers-bpc.png and prints the tables.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common import ROOT, markdown
+
+from revnets import checkpoint, plot
+from revnets.text import batch, bits_per_char, load_text
+from revnets.transformer import SCHEMES, ReversibleTransformer
+
+SIZE = dict(width=64, heads=4, context=64)
+BATCH, TRAIN_BATCH = 32, 16
+
+
+def kjv(path: Path) -> Path:
+    """The KJV as one UTF-8 file at `path`, decoded from the Debian package (installed if missing)."""
+    if not path.exists():
+        if shutil.which("bible") is None:
+            subprocess.run("apt-get update -qq && apt-get install -y -qq bible-kjv-text bible-kjv",
+                           shell=True, check=True)
+        text = subprocess.run(["bible", "gen1:1-rev22:21"], capture_output=True, text=True, check=True).stdout
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def lr_at(step: int, steps: int, lr: float) -> float:
+    """Linear warm-up over 10% of the steps, then cosine decay to lr / 10."""
+    warm = max(1, steps // 10)
+    if step < warm:
+        return lr * (step + 1) / warm
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / (steps - warm))))
+
+
+def train(scheme: str, data, steps: int, lr: float, val) -> dict:
+    torch.manual_seed(0)
+    model = ReversibleTransformer(len(data.vocab), depth=6, scheme=scheme, **SIZE)
+    opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(0)  # the same batches for every scheme
+    curve, t0 = [], time.perf_counter()
+    for step in range(steps + 1):
+        if step % (steps // 10) == 0:
+            model.eval()
+            curve.append((step, bits_per_char(model, val, data.tokens_per_char, SIZE["context"])))
+            model.train()
+            print(f"  {scheme} lr {lr:g} step {step}: {curve[-1][1]:.3f} bits/char", flush=True)
+        if step == steps:
+            break
+        x, y = batch(data.train, SIZE["context"], TRAIN_BATCH, gen)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return dict(scheme=scheme, lr=lr, params=sum(p.numel() for p in model.parameters()), curve=curve,
+                val_bpc=curve[-1][1], train_s=time.perf_counter() - t0)
+
+
+def step_once(model, x) -> None:
+    F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+
+
+def memory(scheme: str, depth: int) -> dict:
+    """In a fresh process: saved activation bytes of one forward and peak memory growth of one step."""
+    torch.manual_seed(0)
+    model = ReversibleTransformer(80, depth=depth, scheme=scheme, **SIZE)
+    x = torch.randint(0, 80, (BATCH, SIZE["context"] + 1), generator=torch.Generator().manual_seed(0))
+    before = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets the high-water mark VmHWM to VmRSS
+    step_once(model, x)
+    peak = _status_kib("VmHWM") - before
+    params, saved = {p.data_ptr() for p in model.parameters()}, 0
+
+    def pack(t):
+        nonlocal saved
+        saved += t.numel() * t.element_size() if t.data_ptr() not in params else 0
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x[:, :-1]).sum()
+    return dict(scheme=scheme, depth=depth, saved_mb=saved / 2**20, peak_mb=peak / 1024)
+
+
+def memory_in_child(scheme: str, depth: int) -> dict:
+    """`memory` in fresh processes, with glibc's malloc as configured by default and with a fixed
+    mmap threshold (64 KiB: freed large blocks go back to the system instead of staying resident)."""
+    def child(env: dict) -> dict:
+        done = subprocess.run([sys.executable, __file__, "--child", json.dumps(dict(scheme=scheme, depth=depth))],
+                              capture_output=True, text=True, check=True, env={**os.environ, **env})
+        return json.loads(done.stdout.splitlines()[-1])
+    row = child({"MALLOC_MMAP_THRESHOLD_": "65536"})
+    row["peak_mb_default_malloc"] = child({})["peak_mb"]
+    return row
+
+
+def _status_kib(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def step_times(depth: int, rounds: int) -> dict[str, float]:
+    """Median ms of one training step per scheme, the schemes' steps interleaved (fair under load)."""
+    torch.manual_seed(0)
+    models = {s: ReversibleTransformer(80, depth=depth, scheme=s, **SIZE) for s in SCHEMES}
+    x = torch.randint(0, 80, (BATCH, SIZE["context"] + 1), generator=torch.Generator().manual_seed(0))
+    times = {s: [] for s in SCHEMES}
+    for r in range(rounds + 1):
+        for s, model in models.items():
+            t = time.perf_counter()
+            step_once(model, x)
+            if r:
+                times[s].append(1e3 * (time.perf_counter() - t))
+    return {s: statistics.median(v) for s, v in times.items()}
+
+
+def figure(runs: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        steps, bpc = zip(*run["curve"])
+        ax.plot(steps, bpc, marker="o", ms=3, label=f"{run['scheme']} (lr {run['lr']:g})")
+    ax.set(xlabel="training step", ylabel="validation bits per character",
+           title="KJV, character level, 0.31M parameters, 6 blocks")
+    ax.set_ylim(top=min(5, max(max(b for _, b in r["curve"][1:]) for r in runs) + 0.1))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    plot.save_png(fig, path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--text", type=Path, default=Path("/tmp/kjv.txt"), help="where the decoded KJV is kept")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--lr", type=float, nargs="+", default=[1e-3, 3e-3], help="each scheme's best is reported")
+    p.add_argument("--depths", type=int, nargs="+", default=[6, 24, 96])
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "figures")
+    p.add_argument("--child")
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(memory(**json.loads(args.child))))
+        return
+    torch.set_num_threads(1)
+    data = load_text(kjv(args.text), "char", val_fraction=0.1)
+    val = data.val[:8192]
+    print(f"KJV: {len(data.train):,} training / {len(data.val):,} held-out characters, vocabulary "
+          f"{len(data.vocab)}", flush=True)
+    tried = [train(s, data, args.steps, lr, val) for s in SCHEMES for lr in args.lr]
+    runs = [min((r for r in tried if r["scheme"] == s), key=lambda r: r["val_bpc"]) for s in SCHEMES]
+    for run in runs:
+        run["other_lr_bpc"] = ", ".join(f"{r['val_bpc']:.3f}" for r in tried if r["scheme"] == run["scheme"]
+                                        and r is not run)
+    mem = [memory_in_child(s, d) for d in args.depths for s in SCHEMES]
+    times = step_times(24, rounds=5)
+    for run in runs:
+        run["step_ms_depth24"] = times[run["scheme"]]
+        run["vs_residual"] = times[run["scheme"]] / times["residual"]
+    result = dict(command="OMP_NUM_THREADS=1 python benchmarks/transformer_text.py " + " ".join(sys.argv[1:]),
+                  torch=torch.__version__, size=SIZE, batch=TRAIN_BATCH, steps=args.steps, lrs=args.lr,
+                  runs=runs, tried=tried, memory=mem)
+    args.out.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write(args.out / "transformers.json", lambda f: f.write(json.dumps(result, indent=1) + "\n"),
+                            text=True)
+    figure(runs, args.out / "transformers-bpc.png")
+    print(markdown(runs, ["scheme", "params", "lr", "val_bpc", "other_lr_bpc", "train_s", "step_ms_depth24",
+                          "vs_residual"]))
+    print(markdown(mem, ["scheme", "depth", "saved_mb", "peak_mb", "peak_mb_default_malloc"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""Reversible causal transformers: the paper's schemes around attention and MLP, memory flat in depth.
+
+A language model maps tokens (N, T) to logits (N, T, vocab): token and position embedding, a chain
+of `depth` blocks on states of shape (N, T, width), a final LayerNorm and a head tied to the token
+embedding. Each block has one causal self-attention A (pre-norm, `F.scaled_dot_product_attention`
+with is_causal=True) and one MLP M, so every scheme has the same parameters per block:
+
+    residual     x += A(x); x += M(x)                       the pre-norm transformer (GPT-2), baseline
+    revnet       Y += A(Z); Z += M(Y)                        RevNet's coupling, Eq. (19) (Reformer's)
+    hamiltonian  Y += h A(Z); Z -= h M~(Y)                   Verlet step, Eq. (10), state (Y, Z)
+    midpoint     Y_{j+1} = Y_{j-1} + 2h F(Y_j)                Eq. (15), state (Y_{j-1}, Y_j)
+    leapfrog     Y_{j+1} = 2 Y_j - Y_{j-1} - h^2 F~(Y_j)      Eq. (17), state (Y_{j-1}, Y_j)
+
+where F(y) = u + M(y + u), u = A(y), is the increment of one pre-norm transformer layer, and F~ is
+the same with M~ in place of M. The reversible schemes are `ReversibleBlock`s made of additive
+couplings and run through the one engine (`revnets.engine.reversible`): gradients equal plain
+autograd's, activations are rebuilt instead of stored.
+
+Choices, and why:
+  * M~(y) = K^T s(K n(y) + b), Eq. (7)'s symmetric layer, for the two second-order schemes: K maps
+    width -> 8 width, s = ReLU, n is a LayerNorm without affine weights. Its Jacobian K^T D K P
+    (D = diag(s') >= 0; P, LayerNorm's Jacobian, is a scaled orthogonal projection) is similar to
+    P^1/2 K^T D K P^1/2, so its eigenvalues are real and >= 0 even behind the pre-norm: Y'' = -M~(Y)
+    oscillates instead of growing (Eq. 16). An affine LayerNorm would break the similarity (K
+    absorbs its scale). The hidden width is twice the standard MLP's so that M~ holds as many
+    weights; each is used twice, so M~ costs twice the MLP's FLOPs.
+  * MidPoint keeps the standard MLP: its stability needs an antisymmetric Jacobian (Eq. 13-14),
+    which no two-layer MLP with a wider hidden layer has, and Eq. (13)'s square (K - K^T) layer
+    would hold an eighth of the MLP's weights. The reference (Gal et al., "Reversing Large
+    Language Models", arXiv 2512.02056) converts pretrained, unconstrained blocks into these
+    schemes; MidPoint follows it. Attention is unconstrained in every scheme (no symmetric form).
+  * The two-step schemes start at rest, (Y_{-1}, Y_0) = (x, x); MidPoint's first block is a forward
+    Euler step Y_1 = Y_0 + h F(Y_0) (Eq. 12), as in `revnets.blocks.MidPointBlock`. RevNet and
+    Hamiltonian start from (x, x) as Reformer does. The head reads Y_N, or (Y + Z) / 2 for the
+    pair schemes, so that it stays `width` wide and can be tied.
+  * h = 1: the step multiplies a learned function whose output projection starts small (GPT-2's
+    0.02 / sqrt(2 depth)), so training chooses the size of each step; h < 1 scales every step down.
+  * Dropout is `nn.Dropout` on each branch's output (and the embedding), never attention
+    dropout inside the SDPA kernel, so that the engine sees every random op it must replay.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from . import engine
+from .blocks import Coupling, ReversibleBlock
+
+SCHEMES = ("hamiltonian", "midpoint", "leapfrog", "revnet", "residual")
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention of n(x), n a LayerNorm: (N, T, width) -> (N, T, width)."""
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, t, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        try:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # fused kernel, no (T, T) mask tensor
+        except NotImplementedError:  # forward-mode AD (analysis.growth): the fused CPU kernel has no JVP
+            with sdpa_kernel(SDPBackend.MATH):
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.drop(self.proj(y.transpose(1, 2).reshape(n, t, d)))
+
+
+class MLP(nn.Module):
+    """W2 GELU(W1 n(x) + b1) + b2, hidden width 4 * width: (N, T, width) -> (N, T, width)."""
+
+    def __init__(self, width: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, 4 * width)
+        self.proj = nn.Linear(4 * width, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(self.norm(x)))))
+
+
+class SymmetricMLP(nn.Module):
+    """K^T ReLU(K n(x) + b), Eq. (7) on tokens, K: width -> 8 * width, n a LayerNorm without affine
+    weights: a Jacobian with real eigenvalues >= 0 (module docstring). (N, T, width) -> same."""
+
+    def __init__(self, width: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.k = nn.Linear(width, 8 * width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(F.relu(self.k(self.norm(x))) @ self.k.weight)
+
+
+class _Layer(nn.Module):
+    """Attention and MLP of one block; `increment(y) = u + M(y + u)`, u = A(y): one transformer layer's
+    update of its input."""
+
+    def __init__(self, width: int, heads: int, dropout: float, symmetric: bool):
+        super().__init__()
+        self.attn = Attention(width, heads, dropout)
+        self.mlp = (SymmetricMLP if symmetric else MLP)(width, dropout)
+
+    def increment(self, y: Tensor) -> Tensor:
+        u = self.attn(y)
+        return u + self.mlp(y + u)
+
+
+class ResidualBlock(_Layer):
+    """Pre-norm transformer layer x + F(x) (GPT-2): not reversible, its activations are stored."""
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.0):
+        super().__init__(width, heads, dropout, symmetric=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.increment(x)
+
+
+class RevNetLayer(ReversibleBlock, _Layer):
+    """Y += A(Z), then Z += M(Y): RevNet's coupling, Eq. (19), state (Y, Z) each (N, T, width)."""
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.0):
+        _Layer.__init__(self, width, heads, dropout, symmetric=False)
+
+    def couplings(self) -> tuple[Coupling, ...]:
+        return Coupling(+1, self.attn), Coupling(+1, self.mlp)
+
+
+class HamiltonianLayer(ReversibleBlock, _Layer):
+    """Verlet step, Eq. (10): Y += h A(Z), then Z -= h M~(Y). State (Y, Z) each (N, T, width)."""
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.0, h: float = 1.0):
+        _Layer.__init__(self, width, heads, dropout, symmetric=True)
+        self.h = h
+
+    def couplings(self) -> tuple[Coupling, ...]:
+        return Coupling(+1, self._dy), Coupling(+1, self._dz)
+
+    def _dy(self, z: Tensor) -> Tensor:
+        return self.h * self.attn(z)
+
+    def _dz(self, y: Tensor) -> Tensor:
+        return -self.h * self.mlp(y)
+
+
+class MidPointLayer(ReversibleBlock, _Layer):
+    """Midpoint step, Eq. (15): Y_{j+1} = Y_{j-1} + 2h F(Y_j), F a transformer layer's increment.
+
+    State (Y_{j-1}, Y_j) each (N, T, width). With `euler=True`, the first block: Y_1 = Y_0 + h F(Y_0)
+    on the state (Y_0, Y_0) (Eq. 12).
+    """
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.0, h: float = 1.0, euler: bool = False):
+        _Layer.__init__(self, width, heads, dropout, symmetric=False)
+        self.h, self.euler = h, euler
+
+    def couplings(self) -> tuple[Coupling, ...]:
+        return (Coupling(+1, self._update),)
+
+    def _update(self, y: Tensor) -> Tensor:
+        return (self.h if self.euler else 2 * self.h) * self.increment(y)
+
+
+class LeapfrogLayer(ReversibleBlock, _Layer):
+    """Leapfrog step of Y'' = -F~(Y), Eq. (17): Y_{j+1} = 2 Y_j - Y_{j-1} - h^2 F~(Y_j), F~ = A + M~.
+
+    State (Y_{j-1}, Y_j) each (N, T, width); the inverse is Eq. (18).
+    """
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.0, h: float = 1.0):
+        _Layer.__init__(self, width, heads, dropout, symmetric=True)
+        self.h = h
+
+    def couplings(self) -> tuple[Coupling, ...]:
+        return (Coupling(-1, self._update),)
+
+    def _update(self, y: Tensor) -> Tensor:
+        return torch.add(-self.h**2 * self.increment(y), y, alpha=2)
+
+
+def _blocks(scheme: str, width: int, heads: int, depth: int, dropout: float, h: float) -> nn.ModuleList:
+    if scheme == "residual":
+        return nn.ModuleList(ResidualBlock(width, heads, dropout) for _ in range(depth))
+    if scheme == "revnet":
+        return nn.ModuleList(RevNetLayer(width, heads, dropout) for _ in range(depth))
+    if scheme == "midpoint":
+        return nn.ModuleList(MidPointLayer(width, heads, dropout, h, euler=i == 0) for i in range(depth))
+    layer = HamiltonianLayer if scheme == "hamiltonian" else LeapfrogLayer
+    return nn.ModuleList(layer(width, heads, dropout, h) for _ in range(depth))
+
+
+class ReversibleTransformer(nn.Module):
+    """Causal language model on a chain of `depth` blocks of one scheme (module docstring).
+
+    tokens (N, T) int64 with T <= context and ids in [0, vocab_size) -> logits (N, T, vocab_size).
+    `memory_efficient=False` trains the same module (same state_dict) with plain autograd (the
+    residual scheme always does). `tied`: the head is the token embedding's weight.
+    """
+
+    def __init__(self, vocab_size: int, width: int, depth: int, heads: int, context: int,
+                 scheme: str = "leapfrog", memory_efficient: bool = True, dropout: float = 0.0,
+                 h: float = 1.0, tied: bool = True):
+        super().__init__()
+        _check_sizes(vocab_size, width, depth, heads, context, scheme, dropout, h)
+        self.scheme, self.context, self.vocab_size = scheme, context, vocab_size
+        self.memory_efficient = memory_efficient
+        self.tok = nn.Embedding(vocab_size, width)
+        self.pos = nn.Embedding(context, width)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = _blocks(scheme, width, heads, depth, dropout, h)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab_size, bias=False)
+        self.apply(self._init)
+        for name, w in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 depth)
+            if name.endswith("proj.weight") or name.endswith("k.weight"):
+                nn.init.normal_(w, std=0.02 / math.sqrt(2 * depth))
+        if tied:
+            self.head.weight = self.tok.weight
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def check_input(self, tokens: Tensor) -> None:
+        """ValueError unless tokens is (N, T) integer with 1 <= T <= context and ids in [0, vocab_size)."""
+        if tokens.dim() != 2 or tokens.dtype.is_floating_point or tokens.dtype.is_complex \
+                or not 1 <= tokens.shape[1] <= self.context:
+            raise ValueError(f"ReversibleTransformer expects (N, T) integer tokens with 1 <= T <= context="
+                             f"{self.context}; got {tuple(tokens.shape)} {tokens.dtype}")
+        if not torch.compiler.is_compiling() and tokens.numel():
+            low, high = tokens.min().item(), tokens.max().item()
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(f"token ids must lie in [0, vocab_size={self.vocab_size}); got ids in "
+                                 f"[{low}, {high}]")
+
+    def chain_input(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """The state (a, b) the block chain starts from, each (N, T, width) (for the residual scheme
+        a is unused)."""
+        self.check_input(tokens)
+        x = self.drop(self.tok(tokens) + self.pos(torch.arange(tokens.shape[1], device=tokens.device)))
+        return x, x
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        a, b = self.chain_input(tokens)
+        if self.scheme == "residual":
+            for block in self.blocks:
+                b = block(b)
+            x = b
+        else:
+            if self.memory_efficient:
+                a, b = engine.reversible(self.blocks, a, b)
+            else:
+                a, b = engine.sequential(self.blocks, a, b)
+            x = (a + b) / 2 if self.scheme in ("revnet", "hamiltonian") else b
+        return self.head(self.norm(x))
+
+
+def _check_sizes(vocab_size, width, depth, heads, context, scheme, dropout, h) -> None:
+    for name, value in dict(vocab_size=vocab_size, width=width, depth=depth, heads=heads, context=context).items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    if width % heads:
+        raise ValueError(f"heads must divide width (each head gets width / heads channels); got width={width}, "
+                         f"heads={heads}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must lie in [0, 1); got {dropout}")
+    if not h > 0:
+        raise ValueError(f"h (the step size) must be positive; got {h}")
+
+
+# Named sizes: one line each. "small" fits a CPU (about 1.2M parameters with a 90-character vocabulary).
+LM_MODELS: dict[str, dict] = {
+    f"{scheme}-lm-{size}": dict(scheme=scheme, **dims)
+    for scheme in SCHEMES
+    for size, dims in {"tiny": dict(width=32, depth=4, heads=2, context=64),
+                       "small": dict(width=128, depth=6, heads=4, context=128),
+                       "base": dict(width=384, depth=12, heads=6, context=256)}.items()
+}
+
+
+def build_lm(name: str, vocab_size: int, **kw) -> ReversibleTransformer:
+    """The named size of `LM_MODELS` for `vocab_size` tokens; keyword arguments override its entries."""
+    if name not in LM_MODELS:
+        raise ValueError(f"unknown language model {name!r}; valid names: {', '.join(LM_MODELS)}")
+    return ReversibleTransformer(vocab_size, **{**LM_MODELS[name], **kw})
+
+
+@torch.no_grad()
+def generate(model: ReversibleTransformer, prompt: Tensor, tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Append `tokens` sampled tokens to `prompt` (N, T0): (N, T0 + tokens).
+
+    Each step reads the last `context` tokens, divides the last logits by `temperature` and samples
+    from the softmax over the `top_k` most likely tokens (all when None); temperature 0 is greedy.
+    `generator` makes the samples reproducible. The model is used as it is (call `.eval()` first).
+    """
+    if tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
+        raise ValueError(f"expected tokens >= 0, temperature >= 0 and top_k >= 1 or None; got tokens={tokens}, "
+                         f"temperature={temperature}, top_k={top_k}")
+    out = prompt
+    for _ in range(tokens):
+        logits = model(out[:, -model.context:])[:, -1].float()
+        if temperature == 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k is not None and top_k < logits.shape[-1]:
+                kth = logits.topk(top_k, dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, -math.inf)
+            nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+        out = torch.cat((out, nxt.to(out.dtype)), dim=1)
+    return out

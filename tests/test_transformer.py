@@ -1,0 +1,215 @@
+"""ReversibleTransformer: causal, engine gradients equal plain autograd, memory flat in depth, clear errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import revnets
+from revnets import analysis
+from revnets.transformer import LM_MODELS, SCHEMES, ReversibleTransformer, build_lm, generate
+
+REVERSIBLE = [s for s in SCHEMES if s != "residual"]
+TINY = dict(vocab_size=11, width=16, depth=3, heads=2, context=8)
+
+
+def tiny(scheme, dtype=torch.float64, seed=0, **kw):
+    torch.manual_seed(seed)
+    return ReversibleTransformer(**{**TINY, **kw}, scheme=scheme).to(dtype)
+
+
+def tokens(n=2, t=8, seed=1):
+    return torch.randint(0, TINY["vocab_size"], (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_output_shape_and_every_parameter_gets_a_gradient(scheme):
+    model = tiny(scheme, torch.float32)
+    assert isinstance(model, revnets.ReversibleTransformer)
+    logits = model(tokens())
+    assert logits.shape == (2, 8, TINY["vocab_size"]) and torch.isfinite(logits).all()
+    logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_causal_changing_token_t_never_changes_earlier_logits(scheme):
+    model = tiny(scheme).eval()
+    x = tokens(1)
+    for t in (0, 3, 7):
+        y = x.clone()
+        y[0, t] = (x[0, t] + 1) % TINY["vocab_size"]
+        before, after = model(x), model(y)
+        torch.testing.assert_close(after[:, :t], before[:, :t], rtol=0, atol=1e-12)
+        assert (after[:, t] - before[:, t]).abs().max() > 1e-6
+
+
+def _grads(model, x, seed=0):
+    model.zero_grad()
+    torch.manual_seed(seed)  # the same dropout masks in both models
+    logits = model(x)
+    F.cross_entropy(logits.flatten(0, 1), x.roll(-1, 1).flatten()).backward()
+    return logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def _relative_error(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("scheme", REVERSIBLE)
+def test_engine_gradients_equal_plain_autograd_in_float64(scheme):
+    plain = tiny(scheme, memory_efficient=False)
+    efficient = tiny(scheme)
+    efficient.load_state_dict(plain.state_dict())
+    (y0, g0), (y1, g1) = _grads(plain, tokens()), _grads(efficient, tokens())
+    assert _relative_error(y1, y0) < 1e-12
+    assert _relative_error(g1, g0) < 1e-9
+
+
+@pytest.mark.parametrize("scheme", REVERSIBLE)
+def test_engine_replays_dropout(scheme):
+    """Needs the engine's RNG-state replay: the recomputed blocks must draw the forward's masks."""
+    plain = tiny(scheme, memory_efficient=False, dropout=0.2).train()
+    efficient = tiny(scheme, dropout=0.2).train()
+    efficient.load_state_dict(plain.state_dict())
+    (y0, g0), (y1, g1) = _grads(plain, tokens()), _grads(efficient, tokens())
+    assert _relative_error(y1, y0) < 1e-12
+    assert _relative_error(g1, g0) < 1e-9
+
+
+def _bf16_grads(model, x):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=next(model.parameters()).dtype == torch.float32):
+        model(x).float().pow(2).sum().backward()
+    return torch.cat([p.grad.flatten().double() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("scheme", ["leapfrog", "revnet"])
+def test_bf16_autocast_gradients_as_accurate_as_plain_autograd(scheme):
+    ref = tiny(scheme, memory_efficient=False, depth=12)
+    g_ref, err = _bf16_grads(ref, tokens()), {}
+    for me in (False, True):
+        model = tiny(scheme, torch.float32, memory_efficient=me, depth=12)
+        model.load_state_dict(ref.state_dict())
+        err[me] = _relative_error(_bf16_grads(model, tokens()), g_ref)
+    assert err[True] <= 1.5 * err[False], err
+
+
+def saved_bytes(model, x):
+    """Bytes of non-parameter tensors autograd keeps for the backward of one forward pass."""
+    params = {p.data_ptr() for p in model.parameters()}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in params:
+            total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum()
+    return total
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_saved_activations_flat_in_depth(scheme):
+    shallow = saved_bytes(tiny(scheme, torch.float32, depth=4), tokens())
+    deep = saved_bytes(tiny(scheme, torch.float32, depth=32), tokens())
+    if scheme == "residual":
+        assert deep > 4 * shallow
+    else:
+        assert deep <= 1.1 * shallow
+        plain = saved_bytes(tiny(scheme, torch.float32, depth=32, memory_efficient=False), tokens())
+        assert plain > 4 * deep
+
+
+@pytest.mark.parametrize("scheme", REVERSIBLE)
+def test_analysis_growth_and_drift_run_on_the_chain(scheme):
+    model = tiny(scheme).eval()
+    a, b = model.chain_input(tokens())
+    growth = analysis.growth(model.blocks, a, b, depths=[1, 3])
+    assert len(growth) == 2 and all(abs(g) < 50 for g in growth)
+    drift = analysis.reversal_drift(model.blocks, a, b, depths=[3], dtype=torch.float64)
+    assert drift[0] < 1e-12
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(heads=3), "heads must divide width"),
+    (dict(scheme="euler"), "unknown scheme"),
+    (dict(depth=0), "depth must be a positive integer"),
+    (dict(dropout=1.0), r"dropout must lie in \[0, 1\)"),
+    (dict(h=0.0), "h .* must be positive"),
+])
+def test_bad_sizes_rejected(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ReversibleTransformer(**{**TINY, "scheme": "leapfrog", **kw})
+
+
+@pytest.mark.parametrize("x, match", [
+    (torch.full((1, 4), 11), r"vocab_size=11\); got ids in \[11, 11\]"),
+    (torch.full((1, 4), -1), r"got ids in \[-1, -1\]"),
+    (torch.zeros(1, 9, dtype=torch.long), "T <= context=8"),
+    (torch.zeros(1, 4), "integer tokens"),
+    (torch.zeros(4, dtype=torch.long), r"\(N, T\) integer"),
+])
+def test_bad_tokens_rejected(x, match):
+    with pytest.raises(ValueError, match=match):
+        tiny("leapfrog")(x)
+
+
+def test_registry_sizes_have_equal_parameter_counts_across_schemes():
+    for size in ("tiny", "small"):
+        counts = [sum(p.numel() for p in build_lm(f"{s}-lm-{size}", 90).parameters()) for s in SCHEMES]
+        assert max(counts) <= 1.01 * min(counts), counts
+    assert set(LM_MODELS) >= {f"{s}-lm-small" for s in SCHEMES}
+    with pytest.raises(ValueError, match="valid names"):
+        build_lm("leapfrog-lm-huge", 90)
+
+
+def test_generate_deterministic_under_a_seed_and_greedy_at_top_k_1():
+    model = tiny("leapfrog", torch.float32).eval()
+    prompt = tokens(1, 3)
+
+    def sample(seed, **kw):
+        return generate(model, prompt, 12, generator=torch.Generator().manual_seed(seed), **kw)
+    assert torch.equal(sample(0), sample(0)) and not torch.equal(sample(0), sample(1))
+    out = sample(0, top_k=1)
+    assert out.shape == (1, 15) and torch.equal(out[:, :3], prompt)
+    assert torch.equal(out, generate(model, prompt, 12, temperature=0))  # top-1 sampling is greedy
+    for i in range(3, 15):  # the context window slides: longer than context=8 still works
+        assert out[0, i] == model(out[:, max(0, i - 8):i])[0, -1].argmax()
+
+
+def test_generate_rejects_bad_settings():
+    with pytest.raises(ValueError, match="top_k >= 1"):
+        generate(tiny("leapfrog"), tokens(1, 2), 3, top_k=0)
+
+
+
+def _ddp_worker(rank, world, store, state, x, out_file):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    model = tiny("leapfrog", torch.float32)
+    model.load_state_dict(state)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    shard = x[rank * len(x) // world:(rank + 1) * len(x) // world]
+    F.cross_entropy(ddp(shard).flatten(0, 1), shard.roll(-1, 1).flatten()).backward()
+    if rank == 0:
+        torch.save([p.grad for p in model.parameters()], out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ddp_gloo_gradients_equal_single_process(tmp_path):
+    import torch.multiprocessing as mp
+    model, x = tiny("leapfrog", torch.float32), tokens(4)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    mp.start_processes(_ddp_worker, args=(2, tmp_path / "store", state, x, tmp_path / "g.pt"), nprocs=2,
+                       start_method="fork")  # CPU only, no threads started: fork skips two imports of torch
+    F.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten()).backward()
+    for p, g in zip(model.parameters(), torch.load(tmp_path / "g.pt")):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_model_gives_the_same_gradients():
+    """torch.compile's graph capture (aot_eager: no kernel generation, seconds) through the engine."""
+    model, x = tiny("leapfrog", depth=1), tokens()
+    want = _grads(model, x)[1]
+    torch.testing.assert_close(_grads(torch.compile(model, backend="aot_eager"), x)[1], want, rtol=1e-12, atol=0)
