@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     import_modules(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    del args.imports  # imported above; not a setting of the command
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
