@@ -7,21 +7,21 @@
 
 memory: one training step (forward, squared-output loss, backward) per configuration, each in a
 fresh process. saved_mb: the non-parameter tensors autograd keeps for the backward
-(`torch.autograd.graph.saved_tensors_hooks`); peak_mb: the step's peak memory above what the
-process held before it (CPU: resident set; GPU: allocator), which includes the parameters'
-gradients (param_mb is their size). time: the two modes' steps interleaved in one process, median
-of the timed rounds after a warm-up round; ratio = memory-efficient / plain.
+(`torch.autograd.graph.saved_tensors_hooks`); peak_mb: the step's peak allocator memory above what
+was held before it (CPU: the profiler's allocation events, `common.peak_cpu_bytes`; GPU: the CUDA
+allocator), less the parameters' gradients, which the backward allocates in every mode (param_mb
+is their size). time: the two modes' steps interleaved in one process, median of the timed rounds
+after a warm-up round (CPU: the process's CPU time); ratio = memory-efficient / plain.
 """
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
 
 import torch
 
-from common import markdown, measure_in_child, record
+from common import markdown, measure_in_child, peak_cpu_bytes, record
 from revnets import ReversibleStack
 
 # (channels, batch, spatial) per dim: small enough that plain autograd at depth 1,000 fits in a few hundred MB.
@@ -52,36 +52,39 @@ def measure_memory(scheme: str, dim: int, depth: int, memory_efficient: bool, de
         nonlocal saved
         saved += t.numel() * t.element_size() if t.data_ptr() not in params else 0
         return t
-    cuda = device.startswith("cuda")
-    if cuda:
+    def step():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = stack(x).pow(2).mean()
+        loss.backward()
+    param_bytes = sum(p.numel() * p.element_size() for p in stack.parameters())
+    if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+        step()
+        peak = torch.cuda.max_memory_allocated() - base
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = stack(x).pow(2).mean()
-    loss.backward()
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_cpu_bytes(step)
     return dict(scheme=scheme, dim=dim, depth=depth, mode="memory-efficient" if memory_efficient else "plain",
-                saved_mb=saved / 2**20, peak_mb=(peak - base) / 2**20,
-                param_mb=sum(p.numel() * p.element_size() for p in stack.parameters()) / 2**20)
+                saved_mb=saved / 2**20, peak_mb=(peak - param_bytes) / 2**20, param_mb=param_bytes / 2**20)
 
 
 def measure_time(scheme: str, dim: int, depth: int, repeats: int, device: str) -> dict:
     """Median step time of plain and memory-efficient, their steps interleaved, and the ratio."""
     stacks = {me: _setup(scheme, dim, depth, me, TIME_SHAPES[dim], device) for me in (False, True)}
     stacks[True][0].load_state_dict(stacks[False][0].state_dict())
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    clock = time.perf_counter if cuda else time.process_time  # CPU: the process's CPU time (load-robust)
     times = {False: [], True: []}
     for i in range(repeats + 1):
         for me, (stack, x) in stacks.items():
             stack.zero_grad(set_to_none=False)
             sync()
-            t = time.perf_counter()
+            t = clock()
             _step(stack, x)
             sync()
             if i:
-                times[me].append(time.perf_counter() - t)
+                times[me].append(clock() - t)
     plain, me = (1e3 * statistics.median(times[k]) for k in (False, True))
     channels, batch, spatial = TIME_SHAPES[dim]
     return dict(scheme=scheme, dim=dim, depth=depth, input=f"{batch}x{channels}x" + "x".join(map(str, spatial)),

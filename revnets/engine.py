@@ -16,8 +16,10 @@ them (float64 to 1e-9), or an error.
     random numbers (the default CPU generator's state, and the CUDA one's for CUDA inputs, before
     every coupling, as `torch.utils.checkpoint`'s `preserve_rng_state`: dropout, RReLU and noise
     repeat exactly), every module's training mode and each block's number-valued attributes
-    (`h`, ...), all as they were at forward time. A chain that draws no random numbers pays one
-    state copy per coupling (about 1 us) and no replay.
+    (`h`, ...), all as they were at forward time. A chain that draws no random numbers keeps no
+    state (two state copies per forward, memory flat in depth); one that draws them keeps about
+    5 KB per coupling (the CPU generator's state), and its first forward runs twice (the first
+    run finds out that it draws random numbers).
   * A parameter modified in place between forward and backward raises autograd's own error
     (version counters), as plain autograd does.
   * BatchNorm running statistics are updated by the forward only, never by the recomputation.
@@ -183,38 +185,47 @@ class _Replay:
     mode of every module, each block's number-valued attributes (h, ...) and the random-number
     state before every coupling (kept only when the forward drew random numbers).
 
-    In the forward, `record(k)` before coupling k and `done()` after the last; in the backward,
-    `with replay():` restores the forward's settings (and afterwards the caller's, random-number
-    stream included), and `seed(k)` sets the generators as they were before coupling k.
+    In the forward, `record(loop)`; in the backward, `with replay():` restores the forward's
+    settings (and afterwards the caller's, random-number stream included), and `seed(k)` sets the
+    generators as they were before coupling k.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], device: torch.device):
-        self.device, self.autocast = device, _autocast_state(device.type)
+        self.device, self.autocast, self.first = device, _autocast_state(device.type), blocks[0]
         distinct = dict.fromkeys(blocks)
         modules = [m for block in distinct for m in block.modules()]
         self.settings = _settings(distinct, modules)
         self.norms = _tracking_norms(modules)  # the modes are replayed, so these are the backward's too
-        self.rng: list | None = []
+        self.rng: list | None = None
 
-    def record(self, k: int) -> None:
-        self.rng.append(_rng_state(self.device))
-
-    def done(self) -> None:
-        if not self.rng or _same_state(self.rng[0], _rng_state(self.device)):
-            self.rng = None  # no random numbers drawn: nothing to replay
+    def record(self, loop: Callable[[Callable[[int], None]], tuple]) -> tuple:
+        """Run the forward `loop(before)` (it calls `before(k)` ahead of coupling k), keeping the
+        random-number state before every coupling if the chain draws random numbers. A chain not
+        known to draw any keeps no states (memory flat in depth); if it did draw some, the forward
+        runs once more from the same state, recording (BatchNorm statistics updated once)."""
+        start = _rng_state(self.device)
+        if self.first not in _RANDOM:
+            out = loop(_ignore)
+            if _same_state(start, _rng_state(self.device)):
+                return out
+            _RANDOM.add(self.first)
+            _set_rng_state(start, self.device)
+            with _frozen(self.norms):
+                return self.record(loop)
+        self.rng = []
+        out = loop(lambda k: self.rng.append(_rng_state(self.device)))
+        if _same_state(start, _rng_state(self.device)):  # it has stopped drawing random numbers
+            self.rng = None
+            _RANDOM.discard(self.first)
+        return out
 
     def seed(self, k: int) -> None:
         if self.rng is not None:
-            cpu, cuda = self.rng[k]
-            torch.set_rng_state(cpu)
-            if cuda is not None:
-                torch.cuda.set_rng_state(cuda, self.device)
+            _set_rng_state(self.rng[k], self.device)
 
     def forward(self, steps: Steps, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         """The float couplings on (a, b), recorded."""
-        a, b = _run(steps, a, b, self.record)
-        self.done()
-        return a, b
+        return self.record(lambda before: _run(steps, a, b, before))
 
     def rerun(self, steps: Steps, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         """The float couplings on (a, b) with the recorded random numbers."""
@@ -225,6 +236,14 @@ class _Replay:
         with torch.autocast(**self.autocast), _replayed(self.settings), _frozen(self.norms), \
                 torch.random.fork_rng(_cuda_devices(self.device), enabled=self.rng is not None):
             yield
+
+
+# The first block of every chain whose last forward drew random numbers.
+_RANDOM: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _ignore(k: int) -> None:
+    pass
 
 
 def _run(steps: Steps, a: Tensor, b: Tensor, before: Callable[[int], None]) -> tuple[Tensor, Tensor]:
@@ -238,7 +257,7 @@ def _run(steps: Steps, a: Tensor, b: Tensor, before: Callable[[int], None]) -> t
 class _Reversible(torch.autograd.Function):
     @staticmethod
     def forward(ctx, blocks, layout, name, a, b, *params):
-        ctx.steps, ctx.params, ctx.name, ctx.first = _steps(blocks, layout), params, name, blocks[0]
+        ctx.steps, ctx.params, ctx.name = _steps(blocks, layout), params, name
         ctx.replay = _Replay(blocks, a.device)
         x, y = ctx.replay.forward(ctx.steps, a, b)
         ctx.save_for_backward(a, b, x, y, *params)  # unpacking checks the version counters
@@ -266,8 +285,8 @@ def _reverse_backward(ctx, a0: Tensor, b0: Tensor, p: Tensor, q: Tensor, grad_x:
         u, grad_x, grad_y = _coupling_backward(coupling, b, ctx.params, ix, grads, grad_x, grad_y)
         if k > 0:
             p, q = coupling.unstep(q, u), b.detach()
-    if ctx.first not in _CHECKED:  # (unstep(q, u), p) is the rebuilt input
-        _CHECKED.add(ctx.first)
+    if ctx.replay.first not in _CHECKED:  # (unstep(q, u), p) is the rebuilt input
+        _CHECKED.add(ctx.replay.first)
         _warn_on_drift(ctx.name, (coupling.unstep(q, u), p), (a0, b0), ctx.replay.autocast)
     return [grad_x, grad_y, *grads]
 
@@ -358,6 +377,12 @@ def _cuda_devices(device: torch.device) -> list:
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
     """The default CPU generator's state, and the CUDA generator's of `device` when it is a GPU."""
     return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _same_state(s: tuple, t: tuple) -> bool:

@@ -96,9 +96,8 @@ class _ExactReversible(torch.autograd.Function):
     def forward(ctx, blocks, layout, frac_bits, a, b, *params):
         ctx.steps, ctx.params, ctx.frac_bits, ctx.dtype = _steps(blocks, layout), params, frac_bits, a.dtype
         ctx.replay = _Replay(blocks, a.device)
-        qx, qy = _forward_int(ctx.steps, quantize(a, frac_bits), quantize(b, frac_bits), a.dtype, frac_bits,
-                              ctx.replay.record)
-        ctx.replay.done()
+        qa, qb = quantize(a, frac_bits), quantize(b, frac_bits)
+        qx, qy = ctx.replay.record(lambda before: _forward_int(ctx.steps, qa, qb, a.dtype, frac_bits, before))
         ctx.save_for_backward(a, b, qx, qy, *params)  # unpacking checks the version counters
         return dequantize(qx, a.dtype, frac_bits), dequantize(qy, a.dtype, frac_bits)
 

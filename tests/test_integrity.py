@@ -177,3 +177,34 @@ def test_the_reversal_error_of_a_random_chain_replays_its_noise():
     before = torch.get_rng_state()
     assert revnets.engine.segment_error(blocks, a, b) < 1e-12
     assert torch.equal(torch.get_rng_state(), before)  # a measurement leaves the stream alone
+
+
+class Switch(nn.Module):
+    """BatchNorm, then noise once `noisy` is set: a chain that starts drawing random numbers."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.lin, self.norm, self.noisy = nn.Linear(c, c), nn.BatchNorm1d(c), False
+
+    def forward(self, u):
+        u = self.norm(self.lin(u))
+        return u + torch.randn_like(u) if self.noisy else u
+
+
+def test_a_chain_that_starts_drawing_random_numbers_is_replayed_and_normalised_once():
+    torch.manual_seed(0)
+    blocks = nn.ModuleList(AdditiveCoupling(Switch(8), Switch(8)) for _ in range(4)).double()
+    plain = nn.ModuleList(AdditiveCoupling(Switch(8), Switch(8)) for _ in range(4)).double()
+    plain.load_state_dict(blocks.state_dict())
+    a, b = torch.randn(5, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    _run(reversible, blocks, a, b)  # draws nothing: the engine keeps no random-number states
+    _run(sequential, plain, a, b)
+    for chain in (blocks, plain):
+        for m in chain.modules():
+            if isinstance(m, Switch):
+                m.noisy = True
+    out, g, rng = _run(reversible, blocks, a, b)
+    out_ref, g_ref, rng_ref = _run(sequential, plain, a, b)
+    assert torch.equal(out[1], out_ref[1]) and _rel(g, g_ref) < 1e-9 and torch.equal(rng, rng_ref)
+    for (name, u), v in zip(blocks.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(u, v), name  # running statistics: two forwards, two updates
