@@ -11,6 +11,8 @@ from revnets import ReversibleStack, analysis, engine, grow
 from revnets.blocks import DIMS, ReversibleBlock
 from revnets.schemes import SCHEMES, get_scheme, register_scheme
 
+from measure import saved_bytes
+
 CASES = [(name, dim) for name, s in SCHEMES.items() if s.reversible for dim in DIMS]
 SPATIAL = {0: (), 1: (5,), 2: (3, 4), 3: (3, 3, 3)}
 
@@ -22,21 +24,6 @@ def _stack(scheme, dim, depth=4, channels=4, **kw):
 
 def _x(dim, batch=3, dtype=torch.float64, channels=4):
     return torch.randn(batch, channels, *SPATIAL[dim], generator=torch.Generator().manual_seed(1), dtype=dtype)
-
-
-def saved_bytes(model, x):
-    """Bytes of the non-parameter tensors autograd keeps for the backward of one forward pass."""
-    params = {p.data_ptr() for p in model.parameters()}
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        if t.data_ptr() not in params:
-            total += t.numel() * t.element_size()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x.requires_grad_())
-    return total
 
 
 def test_the_contract_covers_the_paper_and_a_user_scheme():
@@ -74,7 +61,7 @@ def test_engine_gradients_equal_plain_autograd(scheme, dim):
 
 @pytest.mark.parametrize("scheme, dim", CASES)
 def test_saved_activations_flat_in_depth(scheme, dim):
-    x = _x(dim, batch=2, dtype=torch.float32)
+    x = _x(dim, batch=2, dtype=torch.float32).requires_grad_()
     sizes = {(me, n): saved_bytes(ReversibleStack(scheme, 4, n, dim=dim, memory_efficient=me), x)
              for me in (True, False) for n in (10, 100)}
     assert sizes[True, 100] <= 1.05 * sizes[True, 10]

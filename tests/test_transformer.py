@@ -7,6 +7,8 @@ import revnets
 from revnets import analysis
 from revnets.transformer import LM_MODELS, SCHEMES, ReversibleTransformer, build_lm, generate
 
+from measure import saved_bytes
+
 REVERSIBLE = [s for s in SCHEMES if s != "residual"]
 TINY = dict(vocab_size=11, width=16, depth=3, heads=2, context=8)
 
@@ -91,21 +93,6 @@ def test_bf16_autocast_gradients_as_accurate_as_plain_autograd(scheme):
         model.load_state_dict(ref.state_dict())
         err[me] = _relative_error(_bf16_grads(model, tokens()), g_ref)
     assert err[True] <= 1.5 * err[False], err
-
-
-def saved_bytes(model, x):
-    """Bytes of non-parameter tensors autograd keeps for the backward of one forward pass."""
-    params = {p.data_ptr() for p in model.parameters()}
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        if t.data_ptr() not in params:
-            total += t.numel() * t.element_size()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x).sum()
-    return total
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
