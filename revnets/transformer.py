@@ -25,8 +25,9 @@ Choices, and why:
     absorbs its scale). The hidden width is the standard MLP's: at the same width M~ does the same
     arithmetic with half the weights (each is used twice), so its block holds 8 width^2 weights
     against 12 width^2. Equal parameter counts come from width instead: those schemes' named sizes
-    are sqrt(3/2) ~ 1.22x wider (`LM_MODELS`), which costs 1.5x the arithmetic of a standard block
-    per token (12 * 1.5 width^2 weights, each used twice by M~, against 12 width^2 used once).
+    are sqrt(3/2) ~ 1.22x wider (`LM_MODELS`). That costs 1.5x a standard block's matrix arithmetic
+    per token: at width 1.22 w, 6 w^2 attention weights used once and 6 w^2 of M~ used twice, 18 w^2
+    multiply-adds against 12 w^2. (No hidden width gives equal parameters and equal arithmetic.)
   * MidPoint keeps the standard MLP: its stability needs an antisymmetric Jacobian (Eq. 13-14),
     which no two-layer MLP with a wider hidden layer has, and Eq. (13)'s square (K - K^T) layer
     would hold an eighth of the MLP's weights. The reference (Gal et al., "Reversing Large
