@@ -1,6 +1,6 @@
 """Reversible transformers on real text: every scheme with one shared CPU budget, and memory in depth.
 
-    OMP_NUM_THREADS=1 python benchmarks/transformer_text.py    # about 8 minutes of one core
+    OMP_NUM_THREADS=1 python benchmarks/transformer_text.py    # about 9 minutes of one core
 
 Text: the King James Bible of Debian's `bible-kjv-text` (installed with apt-get when missing; the
 `bible` program of `bible-kjv` decodes it), character level, the last 10% held out. Every scheme
