@@ -3,7 +3,7 @@
 A language model maps tokens (N, T) to logits (N, T, vocab): token and position embedding, a chain
 of `depth` blocks on states of shape (N, T, width), a final LayerNorm and a head tied to the token
 embedding. Each block has one causal self-attention A (pre-norm, `F.scaled_dot_product_attention`
-with is_causal=True) and one MLP M, so every scheme has the same parameters per block:
+with is_causal=True) and one MLP, M or the symmetric M~ (below):
 
     residual     x += A(x); x += M(x)                       the pre-norm transformer (GPT-2), baseline
     revnet       Y += A(Z); Z += M(Y)                        RevNet's coupling, Eq. (19) (Reformer's)
@@ -18,12 +18,16 @@ autograd's, activations are rebuilt instead of stored.
 
 Choices, and why:
   * M~(y) = K^T s(K n(y) + b), Eq. (7)'s symmetric layer, for the two second-order schemes: K maps
-    width -> 8 width, s = ReLU, n is a LayerNorm without affine weights. Its Jacobian K^T D K P
+    width -> 4 width, s = ReLU, n is a LayerNorm without affine weights. Its Jacobian K^T D K P
     (D = diag(s') >= 0; P, LayerNorm's Jacobian, is a scaled orthogonal projection) is similar to
     P^1/2 K^T D K P^1/2, so its eigenvalues are real and >= 0 even behind the pre-norm: Y'' = -M~(Y)
     oscillates instead of growing (Eq. 16). An affine LayerNorm would break the similarity (K
-    absorbs its scale). The hidden width is twice the standard MLP's so that M~ holds as many
-    weights; each is used twice, so M~ costs twice the MLP's FLOPs.
+    absorbs its scale). The hidden width is the standard MLP's: at the same width M~ does the same
+    arithmetic with half the weights (each is used twice), so its block holds 8 width^2 weights
+    against 12 width^2. Equal parameter counts come from width instead: those schemes' named sizes
+    are sqrt(3/2) ~ 1.22x wider (`LM_MODELS`). That costs 1.5x a standard block's matrix arithmetic
+    per token: at width 1.22 w, 6 w^2 attention weights used once and 6 w^2 of M~ used twice, 18 w^2
+    multiply-adds against 12 w^2. (No hidden width gives equal parameters and equal arithmetic.)
   * MidPoint keeps the standard MLP: its stability needs an antisymmetric Jacobian (Eq. 13-14),
     which no two-layer MLP with a wider hidden layer has, and Eq. (13)'s square (K - K^T) layer
     would hold an eighth of the MLP's weights. The reference (Gal et al., "Reversing Large
@@ -49,6 +53,7 @@ from . import engine
 from .blocks import Coupling, ReversibleBlock
 
 SCHEMES = ("hamiltonian", "midpoint", "leapfrog", "revnet", "residual")
+SYMMETRIC = ("hamiltonian", "leapfrog")  # the schemes whose MLP is M~ (module docstring)
 
 
 class Attention(nn.Module):
@@ -88,13 +93,13 @@ class MLP(nn.Module):
 
 
 class SymmetricMLP(nn.Module):
-    """K^T ReLU(K n(x) + b), Eq. (7) on tokens, K: width -> 8 * width, n a LayerNorm without affine
+    """K^T ReLU(K n(x) + b), Eq. (7) on tokens, K: width -> 4 * width, n a LayerNorm without affine
     weights: a Jacobian with real eigenvalues >= 0 (module docstring). (N, T, width) -> same."""
 
     def __init__(self, width: int, dropout: float = 0.0):
         super().__init__()
         self.norm = nn.LayerNorm(width, elementwise_affine=False)
-        self.k = nn.Linear(width, 8 * width)
+        self.k = nn.Linear(width, 4 * width)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -194,7 +199,7 @@ def _blocks(scheme: str, width: int, heads: int, depth: int, dropout: float, h: 
         return nn.ModuleList(RevNetLayer(width, heads, dropout) for _ in range(depth))
     if scheme == "midpoint":
         return nn.ModuleList(MidPointLayer(width, heads, dropout, h, euler=i == 0) for i in range(depth))
-    layer = HamiltonianLayer if scheme == "hamiltonian" else LeapfrogLayer
+    layer = HamiltonianLayer if scheme == "hamiltonian" else LeapfrogLayer  # the SYMMETRIC schemes
     return nn.ModuleList(layer(width, heads, dropout, h) for _ in range(depth))
 
 
@@ -282,13 +287,15 @@ def _check_sizes(vocab_size, width, depth, heads, context, scheme, dropout, h) -
         raise ValueError(f"h (the step size) must be positive; got {h}")
 
 
-# Named sizes: one line each. "small" fits a CPU (about 1.2M parameters with a 90-character vocabulary).
+# Named sizes: one line each, with two widths: the standard MLP's schemes', and the SYMMETRIC
+# schemes', about sqrt(3/2) wider (a multiple of heads), so that every scheme of a size holds about
+# as many parameters (within 2% for a 90-character vocabulary). "small" fits a CPU (about 1.2M).
+_LM_SIZES = {"tiny": dict(width=(36, 44), depth=4, heads=2, context=64),
+             "small": dict(width=(128, 156), depth=6, heads=4, context=128),
+             "base": dict(width=(384, 468), depth=12, heads=6, context=256)}
 LM_MODELS: dict[str, dict] = {
-    f"{scheme}-lm-{size}": dict(scheme=scheme, **dims)
-    for scheme in SCHEMES
-    for size, dims in {"tiny": dict(width=32, depth=4, heads=2, context=64),
-                       "small": dict(width=128, depth=6, heads=4, context=128),
-                       "base": dict(width=384, depth=12, heads=6, context=256)}.items()
+    f"{scheme}-lm-{size}": dict(dims, scheme=scheme, width=dims["width"][scheme in SYMMETRIC])
+    for scheme in SCHEMES for size, dims in _LM_SIZES.items()
 }
 
 

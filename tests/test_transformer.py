@@ -142,9 +142,14 @@ def test_bad_tokens_rejected(x, match):
 
 
 def test_registry_sizes_have_equal_parameter_counts_across_schemes():
-    for size in ("tiny", "small"):
-        counts = [sum(p.numel() for p in build_lm(f"{s}-lm-{size}", 90).parameters()) for s in SCHEMES]
-        assert max(counts) <= 1.01 * min(counts), counts
+    for size in ("tiny", "small", "base"):
+        with torch.device("meta"):
+            models = {s: build_lm(f"{s}-lm-{size}", 90) for s in SCHEMES}
+        counts = [sum(p.numel() for p in m.parameters()) for m in models.values()]
+        assert max(counts) <= 1.02 * min(counts), counts
+        width = LM_MODELS[f"leapfrog-lm-{size}"]["width"]  # M~ has the standard MLP's hidden width 4 width
+        assert models["leapfrog"].blocks[0].mlp.k.weight.shape == (4 * width, width)
+        assert width > LM_MODELS[f"residual-lm-{size}"]["width"]
     assert set(LM_MODELS) >= {f"{s}-lm-small" for s in SCHEMES}
     with pytest.raises(ValueError, match="valid names"):
         build_lm("leapfrog-lm-huge", 90)
