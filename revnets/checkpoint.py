@@ -25,6 +25,21 @@ from .files import atomic_write
 KEYS = ("model", "config", "epoch")
 
 
+def rng_state(device: torch.device) -> dict:
+    """The default generators' states, for a checkpoint's "rng": CPU, and CUDA on a GPU run."""
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def set_rng_state(rng: dict, device: torch.device) -> None:
+    """Restore what `rng_state` saved (the CUDA state only on a GPU run that saved one)."""
+    torch.set_rng_state(rng["torch"].cpu())
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+
+
 def save(path: str | os.PathLike, obj: dict) -> None:
     """Write `obj` to `path` atomically (`atomic_write`)."""
     atomic_write(path, lambda f: torch.save(obj, f))

@@ -181,18 +181,14 @@ class Run:
         self.sched.load_state_dict(ckpt["scheduler"])
         if "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
+        checkpoint.set_rng_state(ckpt["rng"], self.device)
         self.start, self.best_bpc, self.best_epoch, self.wall = (ckpt["epoch"], ckpt["best_bpc"], ckpt["best_epoch"],
                                                                  ckpt["wall_s"])
 
     def state(self, epoch: int) -> dict:
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         state = dict(model=self.net.state_dict(), config=asdict(self.config), epoch=epoch,
-                     optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), rng=rng,
+                     optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
+                     rng=checkpoint.rng_state(self.device),
                      best_bpc=self.best_bpc, best_epoch=self.best_epoch, wall_s=self.wall,
                      vocab=self.data.vocab.state())
         if self.config.amp == "fp16":

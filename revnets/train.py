@@ -187,9 +187,7 @@ class Run:
             raise ValueError(f"{path}: optimiser state does not match the run ({e})") from None
         if self.config.schedule == "step":  # the milestones of a run that grew (--resume --epochs/--milestones)
             self.sched.milestones = Counter(m * len(self.train_loader) for m in self.config.milestones)
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
+        checkpoint.set_rng_state(ckpt["rng"], self.device)
         self.start, self.best_acc = ckpt["epoch"], ckpt["best_acc"]
         self.best_epoch, self.wall = ckpt.get("best_epoch", 0), ckpt.get("wall_s", 0.0)
 
@@ -202,11 +200,9 @@ class Run:
         self.opt.state.clear()
 
     def state(self, epoch: int) -> dict:
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         state = dict(model=self.net.state_dict(), config=asdict(self.config), epoch=epoch,
-                     optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), rng=rng,
+                     optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
+                     rng=checkpoint.rng_state(self.device),
                      best_acc=self.best_acc, best_epoch=self.best_epoch, wall_s=self.wall,
                      meta=inference.metadata(asdict(self.config), self.ds, self.stats, epoch))
         if self.config.amp == "fp16":

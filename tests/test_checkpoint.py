@@ -107,3 +107,10 @@ def test_growths_count_the_grow_epochs_before_the_checkpoint():
     config = dict(grow_at=(2, 4))
     assert [growths(config, e) for e in range(6)] == [0, 0, 0, 1, 1, 2]
     assert growths({"grow_at": ()}, 5) == 0
+
+
+def test_rng_state_restores_the_random_number_stream():
+    state = checkpoint.rng_state(torch.device("cpu"))
+    first = torch.rand(5)
+    checkpoint.set_rng_state(state, torch.device("cpu"))
+    assert torch.equal(torch.rand(5), first)
