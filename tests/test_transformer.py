@@ -194,7 +194,7 @@ def test_ddp_gloo_gradients_equal_single_process(tmp_path):
     model, x = tiny("leapfrog", torch.float32), tokens(4)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     mp.start_processes(_ddp_worker, args=(2, tmp_path / "store", state, x, tmp_path / "g.pt"), nprocs=2,
-                       start_method="fork")  # CPU only, no threads started: fork skips two imports of torch
+                       start_method="spawn")  # fork from a process whose earlier tests started threads can hang
     F.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten()).backward()
     for p, g in zip(model.parameters(), torch.load(tmp_path / "g.pt")):
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
