@@ -134,6 +134,20 @@ def measure_interleaved(name: str, modes: list[str], batch: int, size: int, devi
     return rows
 
 
+def saved_bytes(model: torch.nn.Module, forward):
+    """(bytes, output) of `forward()`: the bytes of the non-parameter tensors autograd keeps for
+    the backward while it runs (`torch.autograd.graph.saved_tensors_hooks`), and what it returns."""
+    params, total = {p.data_ptr() for p in model.parameters()}, 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size() if t.data_ptr() not in params else 0
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    return total, out
+
+
 def peak_cpu_bytes(step) -> int:
     """Peak bytes the CPU allocator held during `step()` above what it held before: the running sum
     of the profiler's allocation and free events (the resident set also counts memory the C

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common import saved_bytes
 from revnets import ReversibleStack, data
 from revnets.blocks import make_norm, operator
 
@@ -91,15 +92,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 256) -> float:
 
 def saved_mb(model: nn.Module, x: Tensor) -> float:
     """MB of the non-parameter tensors autograd keeps for the backward of one forward on x."""
-    params, total = {p.data_ptr() for p in model.parameters()}, 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size() if t.data_ptr() not in params else 0
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        F.cross_entropy(model(x), torch.zeros(len(x), dtype=torch.long))
-    return total / 2**20
+    return saved_bytes(model, lambda: F.cross_entropy(model(x), torch.zeros(len(x), dtype=torch.long)))[0] / 2**20
 
 
 def gradient_gap(model: nn.Module, args, x: Tensor, y: Tensor) -> float:

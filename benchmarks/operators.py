@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from common import markdown, measure_in_child, peak_cpu_bytes, record
+from common import markdown, measure_in_child, peak_cpu_bytes, record, saved_bytes
 from revnets import ReversibleStack
 
 # (channels, batch, spatial) per dim: small enough that plain autograd at depth 1,000 fits in a few hundred MB.
@@ -45,16 +45,11 @@ def measure_memory(scheme: str, dim: int, depth: int, memory_efficient: bool, de
     2-block stack, so that the peak holds no one-time allocation of the first backward)."""
     _step(*_setup(scheme, dim, 2, memory_efficient, MEMORY_SHAPES[dim], device))
     stack, x = _setup(scheme, dim, depth, memory_efficient, MEMORY_SHAPES[dim], device)
-    params = {p.data_ptr() for p in stack.parameters()}
     saved = 0
 
-    def pack(t):
-        nonlocal saved
-        saved += t.numel() * t.element_size() if t.data_ptr() not in params else 0
-        return t
     def step():
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = stack(x).pow(2).mean()
+        nonlocal saved
+        saved, loss = saved_bytes(stack, lambda: stack(x).pow(2).mean())
         loss.backward()
     param_bytes = sum(p.numel() * p.element_size() for p in stack.parameters())
     if device.startswith("cuda"):

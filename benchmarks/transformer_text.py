@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import ROOT, markdown
+from common import ROOT, markdown, saved_bytes
 
 from revnets import checkpoint, plot
 from revnets.text import batch, bits_per_char, load_text
@@ -103,14 +103,7 @@ def memory(scheme: str, depth: int) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # resets the high-water mark VmHWM to VmRSS
     step_once(model, x)
     peak = _status_kib("VmHWM") - before
-    params, saved = {p.data_ptr() for p in model.parameters()}, 0
-
-    def pack(t):
-        nonlocal saved
-        saved += t.numel() * t.element_size() if t.data_ptr() not in params else 0
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x[:, :-1]).sum()
+    saved = saved_bytes(model, lambda: model(x[:, :-1]).sum())[0]
     return dict(scheme=scheme, depth=depth, saved_mb=saved / 2**20, peak_mb=peak / 1024)
 
 
