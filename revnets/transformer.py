@@ -57,7 +57,11 @@ SYMMETRIC = ("hamiltonian", "leapfrog")  # the schemes whose MLP is M~ (module d
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention of n(x), n a LayerNorm: (N, T, width) -> (N, T, width)."""
+    """Causal multi-head self-attention of n(x), n a LayerNorm: (N, T, width) -> (N, T, width).
+
+    `forward(x, scale)` returns scale * A(x) with the scale on the output projection's weights: one
+    pass over (width, width) numbers instead of one over the (N, T, width) output (and its gradient).
+    """
 
     def __init__(self, width: int, heads: int, dropout: float = 0.0):
         super().__init__()
@@ -67,7 +71,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, scale: float = 1.0) -> Tensor:
         n, t, d = x.shape
         q, k, v = self.qkv(self.norm(x)).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         try:
@@ -75,11 +79,12 @@ class Attention(nn.Module):
         except NotImplementedError:  # forward-mode AD (analysis.growth): the fused CPU kernel has no JVP
             with sdpa_kernel(SDPBackend.MATH):
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.drop(self.proj(y.transpose(1, 2).reshape(n, t, d)))
+        return self.drop(F.linear(y.transpose(1, 2).reshape(n, t, d), scale * self.proj.weight, scale * self.proj.bias))
 
 
 class MLP(nn.Module):
-    """W2 GELU(W1 n(x) + b1) + b2, hidden width 4 * width: (N, T, width) -> (N, T, width)."""
+    """W2 GELU(W1 n(x) + b1) + b2, hidden width 4 * width: (N, T, width) -> (N, T, width); `forward(x,
+    scale)` is scale times that, the scale on W2 and b2 (as in `Attention`)."""
 
     def __init__(self, width: int, dropout: float = 0.0):
         super().__init__()
@@ -88,13 +93,14 @@ class MLP(nn.Module):
         self.proj = nn.Linear(4 * width, width)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(self.norm(x)))))
+    def forward(self, x: Tensor, scale: float = 1.0) -> Tensor:
+        return self.drop(F.linear(F.gelu(self.fc(self.norm(x))), scale * self.proj.weight, scale * self.proj.bias))
 
 
 class SymmetricMLP(nn.Module):
     """K^T ReLU(K n(x) + b), Eq. (7) on tokens, K: width -> 4 * width, n a LayerNorm without affine
-    weights: a Jacobian with real eigenvalues >= 0 (module docstring). (N, T, width) -> same."""
+    weights: a Jacobian with real eigenvalues >= 0 (module docstring). (N, T, width) -> same;
+    `forward(x, scale)` is scale times that, the scale on K^T (as in `Attention`)."""
 
     def __init__(self, width: int, dropout: float = 0.0):
         super().__init__()
@@ -102,22 +108,23 @@ class SymmetricMLP(nn.Module):
         self.k = nn.Linear(width, 4 * width)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(F.relu(self.k(self.norm(x))) @ self.k.weight)
+    def forward(self, x: Tensor, scale: float = 1.0) -> Tensor:
+        return self.drop(F.relu(self.k(self.norm(x))) @ (scale * self.k.weight))
 
 
 class _Layer(nn.Module):
-    """Attention and MLP of one block; `increment(y) = u + M(y + u)`, u = A(y): one transformer layer's
-    update of its input."""
+    """Attention and MLP of one block; `increment(y, scale) = scale * (u + M(y + u))`, u = A(y): one
+    transformer layer's update of its input, scaled (the scale on M's output weights and on u's
+    addition, so that the scaled increment costs no pass of its own)."""
 
     def __init__(self, width: int, heads: int, dropout: float, symmetric: bool):
         super().__init__()
         self.attn = Attention(width, heads, dropout)
         self.mlp = (SymmetricMLP if symmetric else MLP)(width, dropout)
 
-    def increment(self, y: Tensor) -> Tensor:
+    def increment(self, y: Tensor, scale: float = 1.0) -> Tensor:
         u = self.attn(y)
-        return u + self.mlp(y + u)
+        return torch.add(self.mlp(y + u, scale), u, alpha=scale)
 
 
 class ResidualBlock(_Layer):
@@ -151,10 +158,10 @@ class HamiltonianLayer(ReversibleBlock, _Layer):
         return Coupling(+1, self._dy), Coupling(+1, self._dz)
 
     def _dy(self, z: Tensor) -> Tensor:
-        return self.h * self.attn(z)
+        return self.attn(z, self.h)
 
     def _dz(self, y: Tensor) -> Tensor:
-        return -self.h * self.mlp(y)
+        return self.mlp(y, -self.h)
 
 
 class MidPointLayer(ReversibleBlock, _Layer):
@@ -172,7 +179,7 @@ class MidPointLayer(ReversibleBlock, _Layer):
         return (Coupling(+1, self._update),)
 
     def _update(self, y: Tensor) -> Tensor:
-        return (self.h if self.euler else 2 * self.h) * self.increment(y)
+        return self.increment(y, self.h if self.euler else 2 * self.h)
 
 
 class LeapfrogLayer(ReversibleBlock, _Layer):
@@ -189,7 +196,7 @@ class LeapfrogLayer(ReversibleBlock, _Layer):
         return (Coupling(-1, self._update),)
 
     def _update(self, y: Tensor) -> Tensor:
-        return torch.add(-self.h**2 * self.increment(y), y, alpha=2)
+        return torch.add(self.increment(y, -self.h**2), y, alpha=2)
 
 
 def _blocks(scheme: str, width: int, heads: int, depth: int, dropout: float, h: float) -> nn.ModuleList:

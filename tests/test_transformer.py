@@ -33,6 +33,31 @@ def test_output_shape_and_every_parameter_gets_a_gradient(scheme):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
+def test_each_block_steps_its_equation(scheme):
+    """The blocks fold h into their output weights; the step is still the module docstring's formula,
+    here composed from the unscaled attention A and MLP M (h = 0.7, the second block: not MidPoint's
+    Euler start)."""
+    block = tiny(scheme, h=0.7).blocks[1] if scheme != "residual" else tiny(scheme).blocks[1]
+    A, M = block.attn, block.mlp
+    for name, p in block.named_parameters():  # biases start at zero: give them values to scale
+        if name.endswith("bias"):
+            torch.nn.init.normal_(p.data)
+    y, z = torch.randn(2, 2, 8, 16, dtype=torch.float64)
+
+    def inc(x):  # one transformer layer's increment F(x) = u + M(x + u), u = A(x)
+        return A(x) + M(x + A(x))
+    with torch.no_grad():
+        if scheme == "residual":
+            got, want = block(y), y + inc(y)
+        else:
+            y1 = y + 0.7 * A(z)
+            want = {"revnet": (y + A(z), z + M(y + A(z))), "hamiltonian": (y1, z - 0.7 * M(y1)),
+                    "midpoint": (z, y + 1.4 * inc(z)), "leapfrog": (z, 2 * z - y - 0.49 * inc(z))}[scheme]
+            got = block(y, z)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_causal_changing_token_t_never_changes_earlier_logits(scheme):
     model = tiny(scheme).eval()
     x = tokens(1)
