@@ -1,12 +1,17 @@
-"""`revnets train` under DistributedDataParallel: two gloo processes, one step, a reversible model."""
+"""`revnets train` under DistributedDataParallel: two gloo processes, one step, a reversible model (an
+image run, and a text run started by torchrun as users start it)."""
 import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from revnets import checkpoint, loop, train
+from revnets import checkpoint, lm, loop, train
 from revnets.config import parse_config
 
 ARGV = ["--model", "hamiltonian-74", "--units", "2", "2", "2", "--channels", "8", "16", "32", "--epochs", "1",
@@ -65,3 +70,48 @@ def test_ddp_step_equals_the_average_of_the_shards_gradients(tmp_path):
     loss_sum, correct, images = sums.tolist()
     assert images == len(ds.test_y)
     assert abs(float(row["test_loss"]) - loss_sum / images) < 1e-7 and float(row["test_acc"]) == correct / images
+
+
+def test_text_run_under_torchrun_steps_with_the_mean_of_the_shards_gradients(tmp_path):
+    """torchrun, two processes, one AdamW step of a reversible language model with dropout (so the
+    engine replays random numbers inside DDP): rank 0 alone writes, and the step is the one the mean
+    of the two shards' gradients gives (equal shards: the gradient of the global batch)."""
+    tiny = str(Path(__file__).parent / "data" / "tiny.txt")
+    flags = dict(data_dir=tiny, model="leapfrog-lm-tiny", context=16, dropout=0.1, batch_size=4, steps_per_epoch=1,
+                 epochs=1)
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "revnets.cli", "train", "--dataset=text", *argv, f"--out={out}"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done: validation") == 1  # one process reports and writes
+    after = checkpoint.load(out / "last.pt")["model"]
+
+    # Reference in this process, one thread as each worker: the same initial model, optimiser and
+    # random-number state (the run's seed), each rank's share of global batch 0 from that state.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = lm.Run(lm.LMConfig(**flags, out=str(tmp_path / "ref")))
+        start, grads, losses = torch.get_rng_state(), [], []
+        for rank in range(2):
+            ref.rank, ref.world = rank, 2
+            x, y = ref.batch(0)
+            torch.set_rng_state(start)
+            ref.net.zero_grad()
+            loss = F.cross_entropy(ref.net(x).flatten(0, 1), y.flatten())
+            loss.backward()
+            grads.append([p.grad.clone() for p in ref.net.parameters()])
+            losses.append(loss.item())
+        for p, g0, g1 in zip(ref.net.parameters(), *grads):
+            p.grad = (g0 + g1) / 2
+        ref.opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.allclose(*(torch.cat([g.flatten() for g in gs]) for gs in grads))  # two different shards
+    for name, w in ref.net.state_dict().items():
+        torch.testing.assert_close(after[name], w, rtol=0, atol=1e-6, msg=name)
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and abs(float(rows[0]["train_loss"]) - sum(losses) / 2) < 1e-6
