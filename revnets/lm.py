@@ -31,7 +31,7 @@ from .loop import AMP_DTYPES, NonFiniteError, autocast, train_step
 from .progress import MetricsCSV
 from .rundir import RunDir
 from .train import all_reduce, peak_mb, setup_distributed, wrap
-from .transformer import LM_MODELS, ReversibleTransformer, build_lm
+from .transformer import LM_MODELS, MLPS, ReversibleTransformer, build_lm
 
 FIELDS = ("epoch", "step", "train_loss", "val_bpc", "lr", "tokens_per_s", "peak_mb")
 PLACE = ("resume", "device", "out")
@@ -39,7 +39,7 @@ PLACE = ("resume", "device", "out")
 
 @dataclass
 class LMConfig:
-    """Every setting of a text run; context, h and dropout default to the model's."""
+    """Every setting of a text run; context and h default to the model's."""
     data_dir: str
     dataset: str = "text"
     model: str = "leapfrog-lm-small"
@@ -47,6 +47,7 @@ class LMConfig:
     val_fraction: float = 0.1
     context: int | None = None
     h: float | None = None
+    mlp: str = "standard"
     dropout: float = 0.0
     plain: bool = False
     epochs: int = 10
@@ -66,6 +67,8 @@ class LMConfig:
         self.out = self.out or self.resume or f"runs/text-{self.model}-seed{self.seed}"
         if self.model not in LM_MODELS:
             raise ValueError(f"unknown language model {self.model!r}; valid names: {', '.join(LM_MODELS)}")
+        if self.mlp not in MLPS:
+            raise ValueError(f"unknown --mlp {self.mlp!r}; expected one of {', '.join(MLPS)}")
         if self.level not in text.LEVELS:
             raise ValueError(f"unknown --level {self.level!r}; expected one of {', '.join(text.LEVELS)}")
         if self.amp not in AMP_DTYPES:
@@ -78,7 +81,7 @@ class LMConfig:
 
     def model_kwargs(self) -> dict:
         return {k: getattr(self, k) for k in ("context", "h") if getattr(self, k) is not None} | dict(
-            dropout=self.dropout, memory_efficient=not self.plain)
+            mlp=self.mlp, dropout=self.dropout, memory_efficient=not self.plain)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,6 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--context", type=int, help="tokens per window (default: the model's)")
     a("--steps-per-epoch", type=int, help="text runs: optimiser steps between validations (default: 100)")
     a("--dropout", type=float, help="text runs: dropout of the transformer (default: 0)")
+    a("--mlp", help="text runs: the blocks' MLP, standard (default) or symmetric (Eq. 7's K^T s(K y))")
 
 
 def config_from_args(args: argparse.Namespace) -> LMConfig:
@@ -140,7 +144,7 @@ def load_lm(path: str | Path, device="cpu") -> tuple[ReversibleTransformer, text
         raise ValueError(f"{path} is not a checkpoint of a text run (revnets train --dataset text)")
     config = ckpt["config"]
     vocab = text.Vocabulary(**ckpt["vocab"])
-    kw = {k: config[k] for k in ("context", "h") if config.get(k) is not None}
+    kw = {k: config[k] for k in ("context", "h", "mlp") if config.get(k) is not None}
     model = build_lm(config["model"], len(vocab), **kw)
     checkpoint.load_state(model, ckpt["model"], path)
     return model.to(device).eval(), vocab

@@ -3,36 +3,41 @@
 A language model maps tokens (N, T) to logits (N, T, vocab): token and position embedding, a chain
 of `depth` blocks on states of shape (N, T, width), a final LayerNorm and a head tied to the token
 embedding. Each block has one causal self-attention A (pre-norm, `F.scaled_dot_product_attention`
-with is_causal=True) and one MLP, M or the symmetric M~ (below):
+with is_causal=True) and one MLP M (pre-norm):
 
     residual     x += A(x); x += M(x)                       the pre-norm transformer (GPT-2), baseline
     revnet       Y += A(Z); Z += M(Y)                        RevNet's coupling, Eq. (19) (Reformer's)
-    hamiltonian  Y += h A(Z); Z -= h M~(Y)                   Verlet step, Eq. (10), state (Y, Z)
+    hamiltonian  Y += h A(Z); Z -= h M(Y)                    Verlet step, Eq. (10), state (Y, Z)
     midpoint     Y_{j+1} = Y_{j-1} + 2h F(Y_j)                Eq. (15), state (Y_{j-1}, Y_j)
-    leapfrog     Y_{j+1} = 2 Y_j - Y_{j-1} - h^2 F~(Y_j)      Eq. (17), state (Y_{j-1}, Y_j)
+    leapfrog     Y_{j+1} = 2 Y_j - Y_{j-1} - h^2 F(Y_j)       Eq. (17), state (Y_{j-1}, Y_j)
 
-where F(y) = u + M(y + u), u = A(y), is the increment of one pre-norm transformer layer, and F~ is
-the same with M~ in place of M. The reversible schemes are `ReversibleBlock`s made of additive
-couplings and run through the one engine (`revnets.engine.reversible`): gradients equal plain
-autograd's, activations are rebuilt instead of stored.
+where F(y) = u + M(y + u), u = A(y), is the increment of one pre-norm transformer layer. The
+reversible schemes are `ReversibleBlock`s made of additive couplings and run through the one
+engine (`revnets.engine.reversible`): gradients equal plain autograd's, activations are rebuilt
+instead of stored.
 
 Choices, and why:
-  * M~(y) = K^T s(K n(y) + b), Eq. (7)'s symmetric layer, for the two second-order schemes: K maps
-    width -> 4 width, s = ReLU, n is a LayerNorm without affine weights. Its Jacobian K^T D K P
-    (D = diag(s') >= 0; P, LayerNorm's Jacobian, is a scaled orthogonal projection) is similar to
-    P^1/2 K^T D K P^1/2, so its eigenvalues are real and >= 0 even behind the pre-norm: Y'' = -M~(Y)
-    oscillates instead of growing (Eq. 16). An affine LayerNorm would break the similarity (K
-    absorbs its scale). The hidden width is the standard MLP's: at the same width M~ does the same
-    arithmetic with half the weights (each is used twice), so its block holds 8 width^2 weights
-    against 12 width^2. Equal parameter counts come from width instead: those schemes' named sizes
-    are sqrt(3/2) ~ 1.22x wider (`LM_MODELS`). That costs 1.5x a standard block's matrix arithmetic
-    per token: at width 1.22 w, 6 w^2 attention weights used once and 6 w^2 of M~ used twice, 18 w^2
-    multiply-adds against 12 w^2. (No hidden width gives equal parameters and equal arithmetic.)
-  * MidPoint keeps the standard MLP: its stability needs an antisymmetric Jacobian (Eq. 13-14),
-    which no two-layer MLP with a wider hidden layer has, and Eq. (13)'s square (K - K^T) layer
-    would hold an eighth of the MLP's weights. The reference (Gal et al., "Reversing Large
-    Language Models", arXiv 2512.02056) converts pretrained, unconstrained blocks into these
-    schemes; MidPoint follows it. Attention is unconstrained in every scheme (no symmetric form).
+  * M is the standard MLP, W2 GELU(W1 n(y) + b1) + b2 with hidden width 4 width (`mlp="standard"`),
+    in every scheme, as in the reference (Gal et al., "Reversing Large Language Models", arXiv
+    2512.02056), which turns pretrained, unconstrained blocks into these schemes: every block then
+    holds the weights and does the arithmetic of a standard transformer layer, and a named size
+    is one model for every scheme. Attention is unconstrained in every scheme (no symmetric form).
+  * `mlp="symmetric"`: M~(y) = K^T s(K n(y) + b), Eq. (7)'s symmetric layer, K: width -> 4 width,
+    s = ReLU, n a LayerNorm without affine weights. Its Jacobian K^T D K P (D = diag(s') >= 0; P,
+    LayerNorm's Jacobian, a scaled orthogonal projection) is similar to P^1/2 K^T D K P^1/2, so its
+    eigenvalues are real and >= 0 even behind the pre-norm (an affine LayerNorm would break the
+    similarity): the force of Leapfrog's Y'' = -M~(Y) restores instead of pushing away (Eq. 16),
+    and Leapfrog's reversal drift in depth is smaller with it. The Hamiltonian's Eq. (9) argument
+    needs both halves symmetric (the eigenvalues of [[0, A'], [-M', 0]] are imaginary when A'M' has
+    real eigenvalues >= 0), which attention is not, so M~ gives the Hamiltonian no guarantee. The
+    cost: M~ uses each weight twice, so at equal width it holds half the standard MLP's weights
+    (a block: 8 width^2 against 12 width^2), and at equal parameters (width sqrt(3/2) larger) a
+    block does 1.5x a standard block's matrix arithmetic. Why it is not the default, measured on
+    text at equal parameters (docs/transformers.md): more bits per character at the same number of
+    steps, and steps about 1.5x `residual`'s against 1.2-1.3x.
+  * MidPoint's stability needs an antisymmetric Jacobian (Eq. 13-14), which no two-layer MLP with
+    a wider hidden layer has, and Eq. (13)'s square (K - K^T) layer would hold an eighth of the
+    MLP's weights: MidPoint, too, takes the standard MLP, as the reference does.
   * The two-step schemes start at rest, (Y_{-1}, Y_0) = (x, x); MidPoint's first block is a forward
     Euler step Y_1 = Y_0 + h F(Y_0) (Eq. 12), as in `revnets.blocks.MidPointBlock`. RevNet and
     Hamiltonian start from (x, x) as Reformer does. The head reads Y_N, or (Y + Z) / 2 for the
@@ -53,7 +58,7 @@ from . import engine
 from .blocks import Coupling, ReversibleBlock
 
 SCHEMES = ("hamiltonian", "midpoint", "leapfrog", "revnet", "residual")
-SYMMETRIC = ("hamiltonian", "leapfrog")  # the schemes whose MLP is M~ (module docstring)
+MLPS = ("standard", "symmetric")  # the blocks' MLP: M or Eq. (7)'s M~ (module docstring)
 
 
 class Attention(nn.Module):
@@ -117,10 +122,10 @@ class _Layer(nn.Module):
     transformer layer's update of its input, scaled (the scale on M's output weights and on u's
     addition, so that the scaled increment costs no pass of its own)."""
 
-    def __init__(self, width: int, heads: int, dropout: float, symmetric: bool):
+    def __init__(self, width: int, heads: int, dropout: float, mlp: str):
         super().__init__()
         self.attn = Attention(width, heads, dropout)
-        self.mlp = (SymmetricMLP if symmetric else MLP)(width, dropout)
+        self.mlp = (SymmetricMLP if mlp == "symmetric" else MLP)(width, dropout)
 
     def increment(self, y: Tensor, scale: float = 1.0) -> Tensor:
         u = self.attn(y)
@@ -130,8 +135,8 @@ class _Layer(nn.Module):
 class ResidualBlock(_Layer):
     """Pre-norm transformer layer x + F(x) (GPT-2): not reversible, its activations are stored."""
 
-    def __init__(self, width: int, heads: int, dropout: float = 0.0):
-        super().__init__(width, heads, dropout, symmetric=False)
+    def __init__(self, width: int, heads: int, dropout: float = 0.0, mlp: str = "standard"):
+        super().__init__(width, heads, dropout, mlp)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.increment(x)
@@ -140,18 +145,18 @@ class ResidualBlock(_Layer):
 class RevNetLayer(ReversibleBlock, _Layer):
     """Y += A(Z), then Z += M(Y): RevNet's coupling, Eq. (19), state (Y, Z) each (N, T, width)."""
 
-    def __init__(self, width: int, heads: int, dropout: float = 0.0):
-        _Layer.__init__(self, width, heads, dropout, symmetric=False)
+    def __init__(self, width: int, heads: int, dropout: float = 0.0, mlp: str = "standard"):
+        _Layer.__init__(self, width, heads, dropout, mlp)
 
     def couplings(self) -> tuple[Coupling, ...]:
         return Coupling(+1, self.attn), Coupling(+1, self.mlp)
 
 
 class HamiltonianLayer(ReversibleBlock, _Layer):
-    """Verlet step, Eq. (10): Y += h A(Z), then Z -= h M~(Y). State (Y, Z) each (N, T, width)."""
+    """Verlet step, Eq. (10): Y += h A(Z), then Z -= h M(Y). State (Y, Z) each (N, T, width)."""
 
-    def __init__(self, width: int, heads: int, dropout: float = 0.0, h: float = 1.0):
-        _Layer.__init__(self, width, heads, dropout, symmetric=True)
+    def __init__(self, width: int, heads: int, dropout: float = 0.0, h: float = 1.0, mlp: str = "standard"):
+        _Layer.__init__(self, width, heads, dropout, mlp)
         self.h = h
 
     def couplings(self) -> tuple[Coupling, ...]:
@@ -171,8 +176,9 @@ class MidPointLayer(ReversibleBlock, _Layer):
     on the state (Y_0, Y_0) (Eq. 12).
     """
 
-    def __init__(self, width: int, heads: int, dropout: float = 0.0, h: float = 1.0, euler: bool = False):
-        _Layer.__init__(self, width, heads, dropout, symmetric=False)
+    def __init__(self, width: int, heads: int, dropout: float = 0.0, h: float = 1.0, mlp: str = "standard",
+                 euler: bool = False):
+        _Layer.__init__(self, width, heads, dropout, mlp)
         self.h, self.euler = h, euler
 
     def couplings(self) -> tuple[Coupling, ...]:
@@ -183,13 +189,14 @@ class MidPointLayer(ReversibleBlock, _Layer):
 
 
 class LeapfrogLayer(ReversibleBlock, _Layer):
-    """Leapfrog step of Y'' = -F~(Y), Eq. (17): Y_{j+1} = 2 Y_j - Y_{j-1} - h^2 F~(Y_j), F~ = A + M~.
+    """Leapfrog step of Y'' = -F(Y), Eq. (17): Y_{j+1} = 2 Y_j - Y_{j-1} - h^2 F(Y_j), F a transformer
+    layer's increment.
 
     State (Y_{j-1}, Y_j) each (N, T, width); the inverse is Eq. (18).
     """
 
-    def __init__(self, width: int, heads: int, dropout: float = 0.0, h: float = 1.0):
-        _Layer.__init__(self, width, heads, dropout, symmetric=True)
+    def __init__(self, width: int, heads: int, dropout: float = 0.0, h: float = 1.0, mlp: str = "standard"):
+        _Layer.__init__(self, width, heads, dropout, mlp)
         self.h = h
 
     def couplings(self) -> tuple[Coupling, ...]:
@@ -199,15 +206,15 @@ class LeapfrogLayer(ReversibleBlock, _Layer):
         return torch.add(self.increment(y, -self.h**2), y, alpha=2)
 
 
-def _blocks(scheme: str, width: int, heads: int, depth: int, dropout: float, h: float) -> nn.ModuleList:
+def _blocks(scheme: str, width: int, heads: int, depth: int, dropout: float, h: float, mlp: str) -> nn.ModuleList:
     if scheme == "residual":
-        return nn.ModuleList(ResidualBlock(width, heads, dropout) for _ in range(depth))
+        return nn.ModuleList(ResidualBlock(width, heads, dropout, mlp) for _ in range(depth))
     if scheme == "revnet":
-        return nn.ModuleList(RevNetLayer(width, heads, dropout) for _ in range(depth))
+        return nn.ModuleList(RevNetLayer(width, heads, dropout, mlp) for _ in range(depth))
     if scheme == "midpoint":
-        return nn.ModuleList(MidPointLayer(width, heads, dropout, h, euler=i == 0) for i in range(depth))
-    layer = HamiltonianLayer if scheme == "hamiltonian" else LeapfrogLayer  # the SYMMETRIC schemes
-    return nn.ModuleList(layer(width, heads, dropout, h) for _ in range(depth))
+        return nn.ModuleList(MidPointLayer(width, heads, dropout, h, mlp, euler=i == 0) for i in range(depth))
+    layer = HamiltonianLayer if scheme == "hamiltonian" else LeapfrogLayer
+    return nn.ModuleList(layer(width, heads, dropout, h, mlp) for _ in range(depth))
 
 
 class ReversibleTransformer(nn.Module):
@@ -215,20 +222,21 @@ class ReversibleTransformer(nn.Module):
 
     tokens (N, T) int64 with T <= context and ids in [0, vocab_size) -> logits (N, T, vocab_size).
     `memory_efficient=False` trains the same module (same state_dict) with plain autograd (the
-    residual scheme always does). `tied`: the head is the token embedding's weight.
+    residual scheme always does). `mlp`: every block's MLP, "standard" or Eq. (7)'s "symmetric"
+    (module docstring). `tied`: the head is the token embedding's weight.
     """
 
     def __init__(self, vocab_size: int, width: int, depth: int, heads: int, context: int,
                  scheme: str = "leapfrog", memory_efficient: bool = True, dropout: float = 0.0,
-                 h: float = 1.0, tied: bool = True):
+                 h: float = 1.0, mlp: str = "standard", tied: bool = True):
         super().__init__()
-        _check_sizes(vocab_size, width, depth, heads, context, scheme, dropout, h)
+        _check_sizes(vocab_size, width, depth, heads, context, scheme, dropout, h, mlp)
         self.scheme, self.context, self.vocab_size = scheme, context, vocab_size
         self.memory_efficient = memory_efficient
         self.tok = nn.Embedding(vocab_size, width)
         self.pos = nn.Embedding(context, width)
         self.drop = nn.Dropout(dropout)
-        self.blocks = _blocks(scheme, width, heads, depth, dropout, h)
+        self.blocks = _blocks(scheme, width, heads, depth, dropout, h, mlp)
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab_size, bias=False)
         self.apply(self._init)
@@ -279,12 +287,14 @@ class ReversibleTransformer(nn.Module):
         return self.head(self.norm(x))
 
 
-def _check_sizes(vocab_size, width, depth, heads, context, scheme, dropout, h) -> None:
+def _check_sizes(vocab_size, width, depth, heads, context, scheme, dropout, h, mlp) -> None:
     for name, value in dict(vocab_size=vocab_size, width=width, depth=depth, heads=heads, context=context).items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    if mlp not in MLPS:
+        raise ValueError(f"unknown mlp {mlp!r}; expected one of {', '.join(MLPS)}")
     if width % heads:
         raise ValueError(f"heads must divide width (each head gets width / heads channels); got width={width}, "
                          f"heads={heads}")
@@ -294,16 +304,13 @@ def _check_sizes(vocab_size, width, depth, heads, context, scheme, dropout, h) -
         raise ValueError(f"h (the step size) must be positive; got {h}")
 
 
-# Named sizes: one line each, with two widths: the standard MLP's schemes', and the SYMMETRIC
-# schemes', about sqrt(3/2) wider (a multiple of heads), so that every scheme of a size holds about
-# as many parameters (within 2% for a 90-character vocabulary). "small" fits a CPU (about 1.2M).
-_LM_SIZES = {"tiny": dict(width=(36, 44), depth=4, heads=2, context=64),
-             "small": dict(width=(128, 156), depth=6, heads=4, context=128),
-             "base": dict(width=(384, 468), depth=12, heads=6, context=256)}
-LM_MODELS: dict[str, dict] = {
-    f"{scheme}-lm-{size}": dict(dims, scheme=scheme, width=dims["width"][scheme in SYMMETRIC])
-    for scheme in SCHEMES for size, dims in _LM_SIZES.items()
-}
+# Named sizes, one model for every scheme (equal parameters). "small" fits a CPU (about 1.2M
+# parameters with a 90-character vocabulary).
+_LM_SIZES = {"tiny": dict(width=36, depth=4, heads=2, context=64),
+             "small": dict(width=128, depth=6, heads=4, context=128),
+             "base": dict(width=384, depth=12, heads=6, context=256)}
+LM_MODELS: dict[str, dict] = {f"{scheme}-lm-{size}": dict(dims, scheme=scheme)
+                              for scheme in SCHEMES for size, dims in _LM_SIZES.items()}
 
 
 def build_lm(name: str, vocab_size: int, **kw) -> ReversibleTransformer:

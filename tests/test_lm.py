@@ -7,6 +7,7 @@ import torch
 
 from revnets import checkpoint, lm
 from revnets.cli import main
+from revnets.transformer import SymmetricMLP
 
 TINY = str(Path(__file__).parent / "data" / "tiny.txt")
 FLAGS = ["train", "--dataset", "text", "--data-dir", TINY, "--model", "leapfrog-lm-tiny", "--context", "16",
@@ -58,6 +59,7 @@ def test_non_finite_loss_stops_before_writing_the_epoch(tmp_path, capsys):
     (b"ab\xc3(", [], "is not UTF-8 text"),
     (b"some text here", ["--units", "2"], "--dataset text does not use --units"),
     (b"some text here", ["--model", "leapfrog-lm-huge"], "unknown language model"),
+    (b"some text here", ["--mlp", "gated"], "unknown --mlp 'gated'; expected one of standard, symmetric"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, content, flags, match):
     (tmp_path / "t.txt").write_bytes(content)
@@ -84,6 +86,14 @@ def test_generate_deterministic_under_a_seed(trained, capsys):
     assert first.startswith("And God") and len(first.rstrip("\n")) == len("And God") + 30
     assert run("--seed", "3") == first and run("--seed", "4") != first
     assert run("--top-k", "1") == run("--temperature", "0")
+
+
+def test_symmetric_mlp_run_and_its_checkpoint_load_with_that_mlp(tmp_path):
+    out = tmp_path / "run"
+    assert main(FLAGS + ["--epochs", "1", "--mlp", "symmetric", "--out", str(out)]) == 0
+    model, _ = lm.load_lm(out / "best.pt")
+    assert all(isinstance(b.mlp, SymmetricMLP) for b in model.blocks)
+    assert main(["train", "--dataset", "text", "--resume", str(out), "--mlp", "standard"]) == 2  # not that run's
 
 
 def test_generate_rejects_unknown_characters_and_foreign_checkpoints(trained, tmp_path, capsys):

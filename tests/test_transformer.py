@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import revnets
 from revnets import analysis
-from revnets.transformer import LM_MODELS, SCHEMES, ReversibleTransformer, build_lm, generate
+from revnets.transformer import LM_MODELS, MLP, SCHEMES, ReversibleTransformer, SymmetricMLP, build_lm, generate
 
 from measure import saved_bytes
 
@@ -32,12 +32,14 @@ def test_output_shape_and_every_parameter_gets_a_gradient(scheme):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+@pytest.mark.parametrize("mlp", ["standard", "symmetric"])
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_each_block_steps_its_equation(scheme):
+def test_each_block_steps_its_equation(scheme, mlp):
     """The blocks fold h into their output weights; the step is still the module docstring's formula,
     here composed from the unscaled attention A and MLP M (h = 0.7, the second block: not MidPoint's
     Euler start)."""
-    block = tiny(scheme, h=0.7).blocks[1] if scheme != "residual" else tiny(scheme).blocks[1]
+    block = tiny(scheme, mlp=mlp, **dict(h=0.7) if scheme != "residual" else {}).blocks[1]
+    assert isinstance(block.mlp, SymmetricMLP if mlp == "symmetric" else MLP)
     A, M = block.attn, block.mlp
     for name, p in block.named_parameters():  # biases start at zero: give them values to scale
         if name.endswith("bias"):
@@ -83,8 +85,30 @@ def _relative_error(a, b):
 
 @pytest.mark.parametrize("scheme", REVERSIBLE)
 def test_engine_gradients_equal_plain_autograd_in_float64(scheme):
-    plain = tiny(scheme, memory_efficient=False)
-    efficient = tiny(scheme)
+    _check_engine_gradients(scheme)
+
+
+@pytest.mark.parametrize("scheme", ["hamiltonian", "leapfrog"])
+def test_engine_gradients_equal_plain_autograd_with_the_symmetric_mlp(scheme):
+    _check_engine_gradients(scheme, mlp="symmetric")
+
+
+def test_symmetric_mlp_jacobian_has_real_nonnegative_eigenvalues():
+    """M~'s Jacobian K^T D K P is similar to a symmetric positive semi-definite matrix (module
+    docstring); the standard MLP's is not (the check can fail)."""
+    torch.manual_seed(0)
+    y = torch.randn(1, 1, 16, dtype=torch.float64)
+    for mlp, holds in ((SymmetricMLP(16), True), (MLP(16), False)):
+        torch.nn.init.normal_(mlp.k.bias if holds else mlp.fc.bias)  # s' = 0 and 1 both occur
+        jac = torch.autograd.functional.jacobian(mlp.double(), y).reshape(16, 16)
+        eig = torch.linalg.eigvals(jac)
+        real_nonnegative = eig.imag.abs().max() < 1e-10 and eig.real.min() > -1e-10
+        assert bool(real_nonnegative) == holds, eig
+
+
+def _check_engine_gradients(scheme, **kw):
+    plain = tiny(scheme, memory_efficient=False, **kw)
+    efficient = tiny(scheme, **kw)
     efficient.load_state_dict(plain.state_dict())
     (y0, g0), (y1, g1) = _grads(plain, tokens()), _grads(efficient, tokens())
     assert _relative_error(y1, y0) < 1e-12
@@ -148,6 +172,7 @@ def test_analysis_growth_and_drift_run_on_the_chain(scheme):
     (dict(depth=0), "depth must be a positive integer"),
     (dict(dropout=1.0), r"dropout must lie in \[0, 1\)"),
     (dict(h=0.0), "h .* must be positive"),
+    (dict(mlp="gated"), "unknown mlp 'gated'; expected one of standard, symmetric"),
 ])
 def test_bad_sizes_rejected(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -170,11 +195,13 @@ def test_registry_sizes_have_equal_parameter_counts_across_schemes():
     for size in ("tiny", "small", "base"):
         with torch.device("meta"):
             models = {s: build_lm(f"{s}-lm-{size}", 90) for s in SCHEMES}
-        counts = [sum(p.numel() for p in m.parameters()) for m in models.values()]
-        assert max(counts) <= 1.02 * min(counts), counts
+            symmetric = build_lm(f"leapfrog-lm-{size}", 90, mlp="symmetric")
+        counts = {sum(p.numel() for p in m.parameters()) for m in models.values()}
+        assert len(counts) == 1, counts
         width = LM_MODELS[f"leapfrog-lm-{size}"]["width"]  # M~ has the standard MLP's hidden width 4 width
-        assert models["leapfrog"].blocks[0].mlp.k.weight.shape == (4 * width, width)
-        assert width > LM_MODELS[f"residual-lm-{size}"]["width"]
+        assert symmetric.blocks[0].mlp.k.weight.shape == (4 * width, width)
+        assert sum(p.numel() for p in symmetric.blocks.parameters()) < sum(
+            p.numel() for p in models["leapfrog"].blocks.parameters())  # each of K's weights is used twice
     assert set(LM_MODELS) >= {f"{s}-lm-small" for s in SCHEMES}
     with pytest.raises(ValueError, match="valid names"):
         build_lm("leapfrog-lm-huge", 90)
