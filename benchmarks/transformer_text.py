@@ -1,6 +1,6 @@
 """Reversible transformers on real text: every scheme with one shared CPU budget, and memory in depth.
 
-    OMP_NUM_THREADS=1 python benchmarks/transformer_text.py    # about 9 minutes of one core
+    OMP_NUM_THREADS=1 python benchmarks/transformer_text.py    # about 20 minutes of one core
     OMP_NUM_THREADS=1 python benchmarks/transformer_text.py --record    # also append the tables to BENCHMARKS.md
 
 Text: the King James Bible of Debian's `bible-kjv-text` (installed with apt-get when missing; the
@@ -241,7 +241,9 @@ def main() -> None:
     if args.record:
         record("Reversible transformers on the King James Bible", "cpu", tables,
                f"OMP_NUM_THREADS=1. Sizes {json.dumps(size)}, {args.steps} AdamW steps of batch {TRAIN_BATCH} at "
-               f"each lr of {args.lr}, the better one reported. Step time: depth 24, batch {BATCH}, CPU time, "
+               f"each lr of {args.lr} from seed {args.seeds[0]}, then seeds {args.seeds[1:]} at the better one "
+               "(val_bpc: the first seed; val_bpc_mean and val_bpc_range: all seeds). "
+               f"Step time: depth 24, batch {BATCH}, CPU time, "
                "best of 15 interleaved steps (vs_residual) and the ratio of medians (vs_residual_median). "
                "Memory: one step in a fresh process, MB; peak_mb with MALLOC_MMAP_THRESHOLD_=65536. "
                "Figure and reading: docs/transformers.md.")

@@ -33,8 +33,8 @@ Choices, and why:
     cost: M~ uses each weight twice, so at equal width it holds half the standard MLP's weights
     (a block: 8 width^2 against 12 width^2), and at equal parameters (width sqrt(3/2) larger) a
     block does 1.5x a standard block's matrix arithmetic. Why it is not the default, measured on
-    text at equal parameters (docs/transformers.md): more bits per character at the same number of
-    steps, and steps about 1.5x `residual`'s against 1.2-1.3x.
+    text at equal parameters (docs/transformers.md): its steps took 1.5-1.65x `residual`'s against
+    1.16-1.35x with the standard MLP, and it trained the Hamiltonian better but Leapfrog worse.
   * MidPoint's stability needs an antisymmetric Jacobian (Eq. 13-14), which no two-layer MLP with
     a wider hidden layer has, and Eq. (13)'s square (K - K^T) layer would hold an eighth of the
     MLP's weights: MidPoint, too, takes the standard MLP, as the reference does.
