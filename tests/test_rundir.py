@@ -77,7 +77,16 @@ def test_a_best_epoch_that_no_file_holds_is_refused(tmp_path):
         train.train(parse_config(["--resume", str(run)]))
 
 
-def test_ctrl_c_exits_130_with_one_line_that_says_how_to_continue(tmp_path):
+@pytest.fixture
+def sigint_as_in_a_terminal():
+    """Ctrl-C raising KeyboardInterrupt here and in children, even when the suite itself was started
+    with SIGINT ignored (a background job): exec resets a handled signal to its default."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_exits_130_with_one_line_that_says_how_to_continue(tmp_path, sigint_as_in_a_terminal):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     child = subprocess.Popen([sys.executable, "-m", "revnets.cli", "train", *TINY, "--epochs", "200", "--out", str(run)],
@@ -94,7 +103,7 @@ def test_ctrl_c_exits_130_with_one_line_that_says_how_to_continue(tmp_path):
     assert checkpoint.load(run / "best.pt")["epoch"] == ckpt["best_epoch"] and not (run / ".lock").exists()
 
 
-def test_ctrl_c_waits_until_a_group_of_files_is_written():
+def test_ctrl_c_waits_until_a_group_of_files_is_written(sigint_as_in_a_terminal):
     from revnets.files import deferred_interrupt
     done = []
     with pytest.raises(KeyboardInterrupt):
