@@ -134,35 +134,6 @@ def measure_interleaved(name: str, modes: list[str], batch: int, size: int, devi
     return rows
 
 
-def saved_bytes(model: torch.nn.Module, forward):
-    """(bytes, output) of `forward()`: the bytes of the non-parameter tensors autograd keeps for
-    the backward while it runs (`torch.autograd.graph.saved_tensors_hooks`), and what it returns."""
-    params, total = {p.data_ptr() for p in model.parameters()}, 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size() if t.data_ptr() not in params else 0
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward()
-    return total, out
-
-
-def peak_cpu_bytes(step) -> int:
-    """Peak bytes the CPU allocator held during `step()` above what it held before: the running sum
-    of the profiler's allocation and free events (the resident set also counts memory the C
-    allocator keeps after a free, and pages of earlier steps)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    held = peak = 0
-    for e in events:
-        held += e.nbytes()
-        peak = max(peak, held)
-    return peak
-
-
 def measure_in_child(script: str, config: dict):
     """Run `script --child JSON` in a fresh process and return the JSON it prints."""
     done = subprocess.run([sys.executable, script, "--child", json.dumps(config)], capture_output=True, text=True)

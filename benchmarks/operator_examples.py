@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common import saved_bytes
 from revnets import ReversibleStack, data
 from revnets.blocks import make_norm, operator
+from revnets.memory import saved_bytes
 
 
 class Classifier(nn.Module):

@@ -8,7 +8,7 @@
 memory: one training step (forward, squared-output loss, backward) per configuration, each in a
 fresh process. saved_mb: the non-parameter tensors autograd keeps for the backward
 (`torch.autograd.graph.saved_tensors_hooks`); peak_mb: the step's peak allocator memory above what
-was held before it (CPU: the profiler's allocation events, `common.peak_cpu_bytes`; GPU: the CUDA
+was held before it (CPU: the profiler's allocation events, `revnets.memory.peak_cpu_bytes`; GPU: the CUDA
 allocator), less the parameters' gradients, which the backward allocates in every mode (param_mb
 is their size). time: the two modes' steps interleaved in one process, median of the timed rounds
 after a warm-up round (CPU: the process's CPU time); ratio = memory-efficient / plain.
@@ -21,8 +21,9 @@ import time
 
 import torch
 
-from common import markdown, measure_in_child, peak_cpu_bytes, record, saved_bytes
+from common import markdown, measure_in_child, record
 from revnets import ReversibleStack
+from revnets.memory import peak_cpu_bytes, saved_bytes
 
 # (channels, batch, spatial) per dim: small enough that plain autograd at depth 1,000 fits in a few hundred MB.
 MEMORY_SHAPES = {0: (64, 32, ()), 1: (8, 4, (256,)), 2: (8, 4, (16, 16)), 3: (8, 2, (8, 8, 8))}

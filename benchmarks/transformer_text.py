@@ -38,9 +38,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import ROOT, markdown, record, saved_bytes
+from common import ROOT, markdown, record
 
 from revnets import checkpoint, engine, plot
+from revnets.memory import saved_bytes
 from revnets.text import batch, bits_per_char, load_text
 from revnets.transformer import SCHEMES, ReversibleTransformer
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from revnets import ReversibleStack, build_model
+from revnets import ReversibleStack, build_model, memory
 
 from measure import peak_bytes, saved_bytes
 
@@ -36,3 +36,17 @@ def test_first_step_allocator_memory_flat_in_depth():
     x = torch.randn(4, 8, 64)
     peak = {n: peak_bytes(ReversibleStack("hamiltonian", 8, n, dim=1), x) for n in (10, 1000)}
     assert peak[1000] <= 1.2 * peak[10], peak
+
+
+def test_saved_bytes_counts_what_autograd_keeps_except_parameters():
+    linear, x = torch.nn.Linear(3, 5, bias=False), torch.randn(4, 3, requires_grad=True)
+    saved, out = memory.saved_bytes(linear, lambda: torch.relu(linear(x)).sum())
+    assert saved == x.nbytes + 4 * 5 * 4  # mm keeps x and the weight (a parameter, not counted); relu its output
+    assert out.requires_grad
+
+
+def test_peak_cpu_bytes_is_the_peak_not_the_total():
+    def step():
+        for _ in range(3):  # three 4 MiB tensors, each freed before the next
+            torch.ones(2**20)
+    assert 4 * 2**20 <= memory.peak_cpu_bytes(step) < 5 * 2**20
