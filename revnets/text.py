@@ -127,7 +127,8 @@ def bits_per_char(model: nn.Module, tokens: Tensor, tokens_per_char: float, cont
     """Bits per character of `model` on `tokens` (the held-out split): the mean next-token
     cross-entropy in bits, over consecutive windows of `context` tokens, times tokens per character.
 
-    The model runs as it is (call `.eval()` first) on its parameters' device.
+    The model runs as it is (call `.eval()` first) on its parameters' device, without a graph; the
+    sum stays on the device until the end (one host sync).
     """
     device = next(model.parameters()).device
     n = (len(tokens) - 1) // context * context
@@ -137,5 +138,5 @@ def bits_per_char(model: nn.Module, tokens: Tensor, tokens_per_char: float, cont
     if rest:
         pieces.append((tokens[n:n + rest][None], tokens[n + 1:][None]))
     nats = sum(F.cross_entropy(model(a.to(device)).flatten(0, 1).float(), b.to(device).flatten(),
-                               reduction="sum").item() for a, b in pieces)
-    return nats / (len(tokens) - 1) / math.log(2) * tokens_per_char
+                               reduction="sum").double() for a, b in pieces)
+    return nats.item() / (len(tokens) - 1) / math.log(2) * tokens_per_char
