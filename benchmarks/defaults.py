@@ -7,7 +7,7 @@ the Hamiltonian, MidPoint and Leapfrog defaults (README, "Defaults").
 Each configuration trains from scratch on a seeded, class-stratified subset of CIFAR-10 (paper's
 augmentation, SGD with momentum 0.9, one-cycle learning rate peaking at 0.1, weight decay and smoothness
 decay 2e-4 as in the paper's Appendix) and is tested on a fixed subset of the test set. Each step is
-`revnets train`'s (`revnets.loop.train_step`); train_loss is the cross-entropy of the last step (NaN
+`revnets train`'s (`revnets.training.train_step`); train_loss is the cross-entropy of the last step (NaN
 when a step diverged).
 """
 import argparse
@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 import revnets
-from revnets import data
-from revnets.loop import NonFiniteError, train_step
+from revnets.training import NonFiniteError, data, train_step
 from common import markdown, record
 
 # (model, units, norm, h); widths are half the paper's so that the grid fits a CPU.

@@ -9,7 +9,7 @@ Each model is one unit of N reversible blocks (plus its entry block) at `--chann
 of `--batch` random `--size`x`--size` images. Three tables:
 
 1. reversal error ||rebuilt - input|| / ||input|| of the chain's input after N blocks forward and
-   N back (`revnets.drift.reversal_error`), with the state in float64, float32, bfloat16 and with
+   N back (`revnets.reversal_error`), with the state in float64, float32, bfloat16 and with
    exact fixed-point reversal (`exact=True`, int64 state, 32 fraction bits, float32 updates);
 2. gradient error ||g - g64|| / ||g64|| of one cross-entropy step against float64 plain autograd,
    for float32 plain autograd, pure reversal, segment storage with k chosen by `segment="auto"`
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import revnets
-from revnets.drift import reversal_error
-from revnets.loop import train_step
+from revnets import reversal_error
+from revnets.training import train_step
 from common import markdown, record
 
 SCHEMES = {"hamiltonian": "hamiltonian-74", "midpoint": "midpoint-26", "leapfrog": "leapfrog-26",

@@ -25,12 +25,12 @@ from revnets import engine
 @contextmanager
 def bare():
     """The engine without its replay bookkeeping: no random-number states, no recorded settings."""
-    saved = engine._Replay.record, engine._settings
-    engine._Replay.record, engine._settings = (lambda self, k: None), (lambda blocks, modules: [])
+    saved = engine.Replay.record, engine._settings
+    engine.Replay.record, engine._settings = (lambda self, k: None), (lambda blocks, modules: [])
     try:
         yield
     finally:
-        engine._Replay.record, engine._settings = saved
+        engine.Replay.record, engine._settings = saved
 
 
 @contextmanager
@@ -44,10 +44,10 @@ def bookkeeping_us(unit, a: torch.Tensor, b: torch.Tensor, rounds: int = 500) ->
     """CPU time per step (us) of the replay bookkeeping alone (recording the settings and the
     random-number states, entering the backward's replay context) and of one drift check."""
     blocks = tuple(unit.blocks)
-    steps = engine._steps(blocks, engine._parameters(blocks)[1])
+    steps = engine.chain_steps(blocks, engine.chain_parameters(blocks)[1])
     t = time.process_time()
     for _ in range(rounds):
-        replay = engine._Replay(blocks, a.device)
+        replay = engine.Replay(blocks, a.device)
         for k in range(len(steps)):
             replay.record(k)
         replay.done()

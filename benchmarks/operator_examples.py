@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from revnets import ReversibleStack, data
+from revnets import ReversibleStack
+from revnets.training import data, train_step
 from revnets.blocks import make_norm, operator
 from revnets.memory import saved_bytes
 
@@ -149,10 +150,7 @@ def main() -> None:
         total = 0.0
         for i in range(0, len(train_x), args.batch):
             idx = order[i:i + args.batch]
-            loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            loss = train_step(model, opt, train_x[idx], train_y[idx])[0]  # revnets train's step
             sched.step()
             total += loss.item() * len(idx)
         recalibrate(model, train_x)

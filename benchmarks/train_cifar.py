@@ -1,4 +1,4 @@
-"""Short-budget CIFAR-10 training of hamiltonian-74 and resnet-32 through `revnets.train.train`:
+"""Short-budget CIFAR-10 training of hamiltonian-74 and resnet-32 through `revnets.training.train`:
 the whole dataset in device memory, augmented there, one-cycle learning rate; bf16 autocast and
 channels-last on a GPU.
 
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from revnets import config, train
+from revnets.cli.train import parse_config
+from revnets.training import train
 from common import markdown, record
 
 COLUMNS = ["model", "params", "epochs", "batch", "test acc", "best-epoch test acc", "images/s", "wall s", "peak MB"]
@@ -47,7 +48,7 @@ def main() -> None:
                 "--amp", args.amp or ("bf16" if on_gpu else "off"), "--device", args.device,
                 "--train-fraction", str(args.train_fraction), "--out", str(out / name)]
         argv += ["--channels-last"] * on_gpu + ["--compile"] * args.compile
-        s = train.train(config.parse_config(argv))
+        s = train(parse_config(argv))
         rows.append({"model": name, "params": f"{s['params'] / 1e6:.3f}M", "epochs": args.epochs,
                      "batch": args.batch_size, "test acc": f"{s['final_acc']:.2%}", "best-epoch test acc": f"{s['best_test_acc']:.2%}",
                      "images/s": f"{s['images_per_s']:,.0f}", "wall s": f"{s['wall_s']:.1f}",

@@ -23,6 +23,18 @@ while its scale gamma >= 0). Measurements here, all in float64 unless a dtype is
   * `eq21_roots`, `linear_revnet`: the linear analysis of Eq. (21);
   * `reversal_drift`: relative error of rebuilding a chain's input by exact inversion, per dtype;
   * `check_step_size`: the largest stable h of a model on given data, with a warning past it.
+
+Reversal drift of a trained model: a reversible chain's backward rebuilds every state from the
+chain's output with the blocks' inverses. In exact arithmetic that is the identity; in floating
+point each step's rounding is carried back through every later block, so a deep or unstable chain
+can rebuild a different input and receive meaningless gradients with no error raised.
+`reversal_error` measures it directly,
+
+    e = ||(a~, b~) - (a, b)|| / ||(a, b)||,   (a~, b~) = invert(blocks, sequential(blocks, a, b)),
+
+where (a, b) is the chain's input (after a unit's entry block); for a chain with exact=True, the
+fixed-point integers that its backward rebuilds (so e = 0). `DriftMonitor` does it every few
+training steps and warns above a threshold.
 """
 import cmath
 import copy
@@ -34,13 +46,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import jacrev, jvp
 
+from . import exact as fixed_point
 from .blocks import AdditiveCoupling, Field, ReversibleBlock
-from .drift import reversal_error
-from .engine import _frozen_running_stats, segment_error
-from .networks import ReversibleUnit
+from .engine import cuda_devices, frozen_running_stats, relative_error, segment_error
+from .networks import ReversibleChain, chains
 
 __all__ = ["vector_field", "jacobian", "eigenvalues", "arnoldi", "ritz_values", "spectral_estimate", "growth",
-           "eq21_roots", "linear_revnet", "reversal_drift", "reversal_error", "block_inputs", "check_step_size"]
+           "eq21_roots", "linear_revnet", "reversal_drift", "reversal_error", "DriftMonitor", "block_inputs",
+           "check_step_size"]
 
 
 def vector_field(block: ReversibleBlock, a: Tensor, b: Tensor) -> tuple[Field, Tensor]:
@@ -222,16 +235,15 @@ def reversal_drift(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor, dept
 def block_inputs(model: nn.Module, x: Tensor) -> list[tuple[ReversibleBlock, Tensor, Tensor]]:
     """(block, a, b) for every reversible block of `model`, with the state it receives on input `x`.
 
-    `model`: a `Network`, a `ReversibleStack` or any module holding `ReversibleUnit`s.
-    One forward without graph and without updating BatchNorm running statistics; the entry blocks
-    of the units come first in each unit, as `iter(unit)` yields them.
+    `model`: a `Network`, a `ReversibleStack`, a `ReversibleTransformer` or any module holding
+    reversible blocks. One forward without graph and without updating BatchNorm running statistics;
+    blocks in `model.modules()` order (a unit's entry block before its chain).
     """
     found: list[tuple[ReversibleBlock, Tensor, Tensor]] = []
-    blocks = [blk for unit in model.modules() if isinstance(unit, ReversibleUnit)
-              for blk in unit if isinstance(blk, ReversibleBlock)]
+    blocks = [m for m in model.modules() if isinstance(m, ReversibleBlock)]
     hooks = [blk.register_forward_pre_hook(lambda m, args: found.append((m, *args))) for blk in blocks]
     try:
-        with torch.no_grad(), _frozen_running_stats([model]):
+        with torch.no_grad(), frozen_running_stats([model]):
             model(x)
     finally:
         for hook in hooks:
@@ -251,7 +263,7 @@ def check_step_size(model: nn.Module, x: Tensor, steps: int = 30) -> dict:
     inputs = [(blk, a, b) for blk, a, b in block_inputs(model, x) if blk.stability_bound is not None]
     if not inputs:
         raise ValueError(f"check_step_size needs blocks with a stability_bound (a Hamiltonian, Leapfrog or "
-                         f"MidPoint network or stack); "
+                         f"MidPoint network, stack or language model); "
                          f"got scheme {getattr(model, 'scheme', type(model).__name__)!r}")
     worst = None
     for i, (blk, a, b) in enumerate(inputs):
@@ -265,3 +277,67 @@ def check_step_size(model: nn.Module, x: Tensor, steps: int = 30) -> dict:
                       f"perturbations grow exponentially with depth; use h < {worst['h_max']:.4g}",
                       RuntimeWarning, stacklevel=2)
     return worst
+
+
+@torch.no_grad()
+def reversal_error(model: nn.Module, x: Tensor) -> dict[str, float]:
+    """Relative error of rebuilding each reversible chain's input after one forward on `x`.
+
+    `model`: a `Network`, a `ReversibleStack`, a `ReversibleTransformer` or any module holding
+    `ReversibleChain`s; `x` its input. Returns {"unit0": e0, ...}, keyed by the chain's place among
+    the model's chains (`model.modules()` order: for a `Network`, the index of its unit among the
+    reversible ones; ResNet has none; a language model has one, "unit0"): `engine.segment_error`
+    of each chain, so random numbers are replayed as in the backward. Runs the model in its current
+    mode (train mode normalises with batch statistics) without updating BatchNorm running
+    statistics, without building a graph and without moving the caller's random-number stream.
+    """
+    found = chains(model)
+    errors = {}
+
+    def measure(chain: ReversibleChain, args: tuple) -> None:
+        errors[f"unit{found.index(chain)}"] = _chain_error(chain, *args)
+    hooks = [chain.register_forward_pre_hook(measure) for chain in found]
+    try:
+        with frozen_running_stats([model]), torch.random.fork_rng(cuda_devices(x.device)):
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return errors
+
+
+def _chain_error(chain: ReversibleChain, a: Tensor, b: Tensor) -> float:
+    """The reversal error of one chain on its input state (a, b)."""
+    if chain.exact:  # the backward rebuilds the fixed-point state
+        q = fixed_point.quantize(a), fixed_point.quantize(b)
+        q_out = fixed_point.forward_int(chain, *q, a.dtype)
+        return relative_error(fixed_point.invert_int(chain, *q_out, a.dtype), q)
+    return segment_error(chain, a, b)
+
+
+class DriftMonitor:
+    """Measure `reversal_error` every `every` training steps (steps 0, every, 2 every, ...) and warn
+    (`warnings.warn`, RuntimeWarning) when a chain's error exceeds `threshold`.
+
+    Usage: ``errors = monitor.step(model, x, step)`` in the training loop; `errors` is the dict of
+    `reversal_error` on the steps it measures and None otherwise.
+    """
+
+    def __init__(self, every: int, threshold: float):
+        if not (isinstance(every, int) and every >= 1):
+            raise ValueError(f"DriftMonitor needs every >= 1 (an integer number of steps); got {every!r}")
+        if not threshold > 0:
+            raise ValueError(f"DriftMonitor needs a positive threshold; got {threshold!r}")
+        self.every, self.threshold = every, threshold
+
+    def step(self, model: nn.Module, x: Tensor, step: int) -> dict[str, float] | None:
+        if step % self.every:
+            return None
+        errors = reversal_error(model, x)
+        bad = {k: e for k, e in errors.items() if not e <= self.threshold}  # NaN counts as bad
+        if bad:
+            worst = ", ".join(f"{k}={e:.3g}" for k, e in bad.items())
+            warnings.warn(f"step {step}: reversal error above {self.threshold:g} ({worst}); gradients of "
+                          "these chains are unreliable: store segments (segment=k) or use exact reversal",
+                          RuntimeWarning, stacklevel=2)
+        return errors

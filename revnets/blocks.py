@@ -26,6 +26,7 @@ becomes its pair of states (`split`) and back (`merge`), the ODE the block steps
 (`vector_field`, for `revnets.analysis`), its `stability_bound` and whether it is a `two_step`
 scheme (for `revnets.grow`). ResNet's basic block (He et al. 2016) is the non-reversible baseline.
 """
+import math
 from typing import Callable, ClassVar, NamedTuple
 
 import torch
@@ -113,7 +114,7 @@ class ReversibleBlock(nn.Module):
 
 def operator(c_in: int, c_out: int, dim: int = 2, bias: bool = True, stride: int = 1) -> nn.Module:
     """K: a `Linear` C_in -> C_out for dim 0, else a 3^dim convolution with padding 1."""
-    _check_dim(dim)
+    check_dim(dim)
     if dim == 0:
         return nn.Linear(c_in, c_out, bias=bias)
     return _CONV[dim](c_in, c_out, 3, stride=stride, padding=1, bias=bias)
@@ -159,7 +160,14 @@ def _check_even(channels: int, name: str) -> None:
         raise ValueError(f"{name} splits its channels into two equal halves (Y, Z); got odd channels={channels}")
 
 
-def _check_dim(dim: int) -> None:
+def check_step(h: float) -> float:
+    """h if it is a step size: a finite number > 0 (0 would be the identity); ValueError otherwise."""
+    if isinstance(h, bool) or not isinstance(h, (int, float)) or not (math.isfinite(h) and h > 0):
+        raise ValueError(f"h (the step size) must be a finite number > 0; got {h!r}")
+    return h
+
+
+def check_dim(dim: int) -> None:
     if dim not in DIMS:
         raise ValueError(f"dim must be 0 (dense), 1, 2 or 3 (convolution over that many spatial axes); got {dim!r}")
 
@@ -231,7 +239,7 @@ class HamiltonianBlock(ReversibleBlock):
     def __init__(self, channels: int, h: float = 0.1, act: Act = nn.ReLU, norm: Norm = None, dim: int = 2):
         super().__init__()
         _check_even(channels, "HamiltonianBlock")
-        self.h = h
+        self.h = check_step(h)
         self.k1 = SymmetricLayer(channels // 2, act, norm, dim)
         self.k2 = SymmetricLayer(channels // 2, act, norm, dim)
 
@@ -270,7 +278,7 @@ class MidPointBlock(ReversibleBlock):
     def __init__(self, channels: int, h: float = 0.1, act: Act = nn.ReLU, norm: Norm = None,
                  euler: bool = False, dim: int = 2):
         super().__init__()
-        self.h, self.euler = h, euler
+        self.h, self.euler = check_step(h), euler
         self.f = AntisymmetricLayer(channels, act, norm, dim)
 
     def couplings(self) -> tuple[Coupling, ...]:
@@ -311,7 +319,7 @@ class LeapfrogBlock(ReversibleBlock):
 
     def __init__(self, channels: int, h: float = 0.1, act: Act = nn.ReLU, norm: Norm = None, dim: int = 2):
         super().__init__()
-        self.h = h
+        self.h = check_step(h)
         self.f = SymmetricLayer(channels, act, norm, dim)
 
     def couplings(self) -> tuple[Coupling, ...]:

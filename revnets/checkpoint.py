@@ -2,10 +2,10 @@
 
 A checkpoint is a dict of tensors and plain Python values:
 
-    {"model": state_dict, "config": dict of config.Config, "epoch": completed epochs,
-     "meta": what inference needs (classes, input size, standardisation: `inference.metadata`),
-     and, to resume: "optimizer", "scheduler", "rng", "best_acc" and "best_epoch" (the best
-     epoch's validation accuracy, or test accuracy without a validation split; "scaler" with fp16)}
+    {"model": state_dict, "config": the run's settings, "epoch": completed epochs,
+     "record": the model record (`revnets.inference`: what rebuilds the model and what using it needs),
+     and, to resume: "optimizer", "scheduler", "rng", "best_<metric>" and "best_epoch" (the best
+     epoch's validation score; "scaler" with fp16)}
 
 `save` writes through `files.atomic_write`, so a kill leaves either the old or the new checkpoint,
 never half of one. `load` unpickles with
@@ -19,25 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import growths, model_from_config
 from .files import atomic_write
 
 KEYS = ("model", "config", "epoch")
-
-
-def rng_state(device: torch.device) -> dict:
-    """The default generators' states, for a checkpoint's "rng": CPU, and CUDA on a GPU run."""
-    rng = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    return rng
-
-
-def set_rng_state(rng: dict, device: torch.device) -> None:
-    """Restore what `rng_state` saved (the CUDA state only on a GPU run that saved one)."""
-    torch.set_rng_state(rng["torch"].cpu())
-    if device.type == "cuda" and "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
 
 
 def save(path: str | os.PathLike, obj: dict) -> None:
@@ -85,22 +69,6 @@ def load_state(model: nn.Module, state: dict, path: str | os.PathLike) -> None:
     except RuntimeError as e:
         details = " ".join(line.strip() for line in str(e).splitlines()[1:])[:500]
         raise ValueError(f"{path} does not match the model: {details}") from None
-
-
-def load_model(path: str | os.PathLike, device="cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model a checkpoint was saved from and load its weights: (model in eval mode, config)."""
-    ckpt = load(path)
-    state, config = ckpt["model"], ckpt["config"]
-    if not isinstance(config, dict) or "model" not in config:
-        raise ValueError(f"{path} has no model name in its config")
-    try:
-        num_classes, in_channels = state["head.weight"].shape[0], state["stem.0.weight"].shape[1]
-        model = model_from_config(config, num_classes, in_channels, growths(config, ckpt["epoch"]))
-    except (KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path} does not describe a revnets network (missing {e})") from None
-    load_state(model, state, path)
-    check_finite(state, path)
-    return model.to(device).eval(), config
 
 
 def check_finite(state: dict, path: str | os.PathLike) -> None:

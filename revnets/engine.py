@@ -91,7 +91,7 @@ def reversible(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor,
     Gives the same values and gradients as `sequential` up to reversal drift (module docstring:
     what is replayed, what raises). `name` names the chain in the drift warning.
     """
-    k = _segment_length(segment, len(blocks))
+    k = segment_length(segment, len(blocks))
     for start in range(0, len(blocks), k):
         chunk = blocks[start:start + k]
         a, b = _reversible_segment(chunk, a, b, f"{name} (blocks {start}-{start + len(chunk) - 1})")
@@ -99,13 +99,13 @@ def reversible(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor,
 
 
 def _reversible_segment(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor, name: str) -> tuple[Tensor, Tensor]:
-    params, layout = _parameters(blocks)
+    params, layout = chain_parameters(blocks)
     if not blocks or not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or params)):
         return sequential(blocks, a, b)
     return _Reversible.apply(tuple(blocks), layout, name, a, b, *params)
 
 
-def _segment_length(segment: int | float | None, n: int) -> int:
+def segment_length(segment: int | float | None, n: int) -> int:
     if segment is None or segment == math.inf:
         return max(n, 1)
     if isinstance(segment, bool) or not isinstance(segment, int) or segment < 1:
@@ -121,12 +121,12 @@ def segment_error(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor,
     by inverting the segment from its stored output, over the segments of `reversible(...,
     segment)` on the state (a, b). NaN counts as infinity. Random numbers are replayed as in the
     backward; BatchNorm running statistics and the caller's random-number stream are untouched."""
-    k = _segment_length(segment, len(blocks))
+    k = segment_length(segment, len(blocks))
     worst = 0.0
-    with _frozen_running_stats(blocks), torch.random.fork_rng(_cuda_devices(a.device)):
+    with frozen_running_stats(blocks), torch.random.fork_rng(cuda_devices(a.device)):
         for start in range(0, len(blocks), k):
-            steps = _steps(blocks[start:start + k], None)
-            replay = _Replay(blocks[start:start + k], a.device)
+            steps = chain_steps(blocks[start:start + k], None)
+            replay = Replay(blocks[start:start + k], a.device)
             out = replay.forward(steps, a, b)
             error = relative_error(_inverse(steps, *out, replay.seed), (a, b))
             worst = max(worst, math.inf if math.isnan(error) else error)
@@ -180,7 +180,7 @@ class AutoSegment:
         return self.choice.k if self.choice else None
 
 
-class _Replay:
+class Replay:
     """What a chain's recomputation must repeat of its forward: the autocast state, the training
     mode of every module, each block's number-valued attributes (h, ...) and the random-number
     state before every coupling (kept only when the forward drew random numbers).
@@ -234,7 +234,7 @@ class _Replay:
     @contextmanager
     def __call__(self) -> Iterator[None]:
         with torch.autocast(**self.autocast), _replayed(self.settings), _frozen(self.norms), \
-                torch.random.fork_rng(_cuda_devices(self.device), enabled=self.rng is not None):
+                torch.random.fork_rng(cuda_devices(self.device), enabled=self.rng is not None):
             yield
 
 
@@ -257,8 +257,8 @@ def _run(steps: Steps, a: Tensor, b: Tensor, before: Callable[[int], None]) -> t
 class _Reversible(torch.autograd.Function):
     @staticmethod
     def forward(ctx, blocks, layout, name, a, b, *params):
-        ctx.steps, ctx.params, ctx.name = _steps(blocks, layout), params, name
-        ctx.replay = _Replay(blocks, a.device)
+        ctx.steps, ctx.params, ctx.name = chain_steps(blocks, layout), params, name
+        ctx.replay = Replay(blocks, a.device)
         x, y = ctx.replay.forward(ctx.steps, a, b)
         ctx.save_for_backward(a, b, x, y, *params)  # unpacking checks the version counters
         return x, y
@@ -268,7 +268,7 @@ class _Reversible(torch.autograd.Function):
         a, b, x, y, *_ = ctx.saved_tensors  # raises if a parameter was modified in place since
         with ctx.replay():
             if torch.is_grad_enabled():  # create_graph=True
-                grads = _recompute_backward(ctx.replay.rerun, ctx.steps, a, b, ctx.params, grad_x, grad_y)
+                grads = recompute_backward(ctx.replay.rerun, ctx.steps, a, b, ctx.params, grad_x, grad_y)
             else:
                 grads = _reverse_backward(ctx, a, b, x, y, grad_x, grad_y)
         return None, None, None, *grads
@@ -282,7 +282,7 @@ def _reverse_backward(ctx, a0: Tensor, b0: Tensor, p: Tensor, q: Tensor, grad_x:
         coupling, ix = ctx.steps[k]
         b = (b0 if k == 0 else p).detach().requires_grad_()
         ctx.replay.seed(k)
-        u, grad_x, grad_y = _coupling_backward(coupling, b, ctx.params, ix, grads, grad_x, grad_y)
+        u, grad_x, grad_y = coupling_backward(coupling, b, ctx.params, ix, grads, grad_x, grad_y)
         if k > 0:
             p, q = coupling.unstep(q, u), b.detach()
     if ctx.replay.first not in _CHECKED:  # (unstep(q, u), p) is the rebuilt input
@@ -291,7 +291,7 @@ def _reverse_backward(ctx, a0: Tensor, b0: Tensor, p: Tensor, q: Tensor, grad_x:
     return [grad_x, grad_y, *grads]
 
 
-def _recompute_backward(run: Callable, steps: Steps, a: Tensor, b: Tensor, params, grad_x: Tensor,
+def recompute_backward(run: Callable, steps: Steps, a: Tensor, b: Tensor, params, grad_x: Tensor,
                         grad_y: Tensor) -> list:
     """Back-propagate (dL/dx, dL/dy) through a differentiable recomputation `run(steps, a, b)` of the
     chain from its kept input, so that the gradients have a graph (`create_graph=True`). Returns
@@ -319,13 +319,13 @@ def _warn_on_drift(name: str, rebuilt: tuple[Tensor, Tensor], kept: tuple[Tensor
                       "(bit-exact fixed-point reversal)", UserWarning, stacklevel=2)
 
 
-def _steps(blocks: Sequence[ReversibleBlock], layout: tuple[tuple[int, ...], ...] | None) -> Steps:
+def chain_steps(blocks: Sequence[ReversibleBlock], layout: tuple[tuple[int, ...], ...] | None) -> Steps:
     """The chain's couplings in order, each with the parameter indices of its block."""
     layout = layout if layout is not None else [()] * len(blocks)
     return [(c, ix) for block, ix in zip(blocks, layout) for c in block.couplings()]
 
 
-def _coupling_backward(coupling: Coupling, b: Tensor, params, ix, grads: list, grad_x: Tensor, grad_y: Tensor):
+def coupling_backward(coupling: Coupling, b: Tensor, params, ix, grads: list, grad_x: Tensor, grad_y: Tensor):
     """Back-propagate through one coupling (a, b) -> (x, y) = (b, s a + u(b)) at its input b (a leaf
     that requires grad): returns u(b) and (dL/da, dL/db) from (dL/dx, dL/dy) and adds
     dL/dθ = (du/dθ)^T dL/dy into `grads`."""
@@ -338,7 +338,7 @@ def _coupling_backward(coupling: Coupling, b: Tensor, params, ix, grads: list, g
     return u.detach(), (grad_y if coupling.sign > 0 else -grad_y), _add(grad_x, grad_b)
 
 
-def _parameters(blocks: Sequence[nn.Module]) -> tuple[list[nn.Parameter], tuple[tuple[int, ...], ...]]:
+def chain_parameters(blocks: Sequence[nn.Module]) -> tuple[list[nn.Parameter], tuple[tuple[int, ...], ...]]:
     """The chain's distinct trainable parameters, and for each block the indices of its own."""
     index: dict[int, int] = {}
     params, layout = [], []
@@ -370,7 +370,7 @@ def _autocast_state(device_type: str) -> dict:
                 dtype=torch.get_autocast_dtype(device_type))
 
 
-def _cuda_devices(device: torch.device) -> list:
+def cuda_devices(device: torch.device) -> list:
     return [device] if device.type == "cuda" else []
 
 
@@ -412,7 +412,7 @@ def _replayed(settings: list[tuple[nn.Module, str, object]]) -> Iterator[None]:
             setattr(m, k, now)
 
 
-def _frozen_running_stats(blocks: Sequence[nn.Module]) -> ContextManager[None]:
+def frozen_running_stats(blocks: Sequence[nn.Module]) -> ContextManager[None]:
     """Normalise recomputations with batch statistics without updating the running ones."""
     return _frozen(_tracking_norms([m for block in dict.fromkeys(blocks) for m in block.modules()]))
 

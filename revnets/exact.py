@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .blocks import ReversibleBlock
-from .engine import Steps, _coupling_backward, _parameters, _recompute_backward, _Replay, _steps
+from .engine import Replay, Steps, chain_parameters, chain_steps, coupling_backward, recompute_backward
 
 FRAC_BITS = 32
 
@@ -48,7 +48,7 @@ def forward_int(blocks: Sequence[ReversibleBlock], qa: Tensor, qb: Tensor, dtype
 
     Raises ValueError when a state or increment leaves the range |x| < 2^(62 - f).
     """
-    return _forward_int(_steps(blocks, None), qa, qb, dtype, frac_bits, lambda k: None)
+    return _forward_int(chain_steps(blocks, None), qa, qb, dtype, frac_bits, lambda k: None)
 
 
 def _forward_int(steps: Steps, qa: Tensor, qb: Tensor, dtype: torch.dtype, frac_bits: int,
@@ -84,7 +84,7 @@ def reversible(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor,
     h); `create_graph=True` back-propagates through a differentiable recomputation (`sequential`)
     from the kept input.
     """
-    params, layout = _parameters(blocks)
+    params, layout = chain_parameters(blocks)
     if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or params)):
         qx, qy = forward_int(blocks, quantize(a, frac_bits), quantize(b, frac_bits), a.dtype, frac_bits)
         return dequantize(qx, a.dtype, frac_bits), dequantize(qy, a.dtype, frac_bits)
@@ -94,8 +94,8 @@ def reversible(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor,
 class _ExactReversible(torch.autograd.Function):
     @staticmethod
     def forward(ctx, blocks, layout, frac_bits, a, b, *params):
-        ctx.steps, ctx.params, ctx.frac_bits, ctx.dtype = _steps(blocks, layout), params, frac_bits, a.dtype
-        ctx.replay = _Replay(blocks, a.device)
+        ctx.steps, ctx.params, ctx.frac_bits, ctx.dtype = chain_steps(blocks, layout), params, frac_bits, a.dtype
+        ctx.replay = Replay(blocks, a.device)
         qa, qb = quantize(a, frac_bits), quantize(b, frac_bits)
         qx, qy = ctx.replay.record(lambda before: _forward_int(ctx.steps, qa, qb, a.dtype, frac_bits, before))
         ctx.save_for_backward(a, b, qx, qy, *params)  # unpacking checks the version counters
@@ -108,7 +108,7 @@ class _ExactReversible(torch.autograd.Function):
             if torch.is_grad_enabled():  # create_graph=True
                 def rerun(steps, a, b):
                     return _sequential(steps, a, b, ctx.frac_bits, ctx.replay.seed)
-                grads = _recompute_backward(rerun, ctx.steps, a, b, ctx.params, grad_x, grad_y)
+                grads = recompute_backward(rerun, ctx.steps, a, b, ctx.params, grad_x, grad_y)
             else:
                 grads = _reverse_backward(ctx, qp, qq, grad_x, grad_y)
         return None, None, None, *grads
@@ -120,7 +120,7 @@ def _reverse_backward(ctx, qp: Tensor, qq: Tensor, grad_x: Tensor, grad_y: Tenso
         coupling, ix = ctx.steps[k]
         b = dequantize(qp, ctx.dtype, ctx.frac_bits).requires_grad_()
         ctx.replay.seed(k)
-        u, grad_x, grad_y = _coupling_backward(coupling, b, ctx.params, ix, grads, grad_x, grad_y)
+        u, grad_x, grad_y = coupling_backward(coupling, b, ctx.params, ix, grads, grad_x, grad_y)
         qp, qq = coupling.unstep(qq, quantize(u, ctx.frac_bits)), qp
     return [grad_x, grad_y, *grads]
 
@@ -129,7 +129,7 @@ def sequential(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor,
                frac_bits: int = FRAC_BITS) -> tuple[Tensor, Tensor]:
     """Plain autograd on the same fixed-point forward: values bit-identical to `reversible`'s,
     every rounding straight-through. Keeps every activation (the reference for tests)."""
-    return _sequential(_steps(blocks, None), a, b, frac_bits, lambda k: None)
+    return _sequential(chain_steps(blocks, None), a, b, frac_bits, lambda k: None)
 
 
 def _sequential(steps: Steps, a: Tensor, b: Tensor, frac_bits: int, before: Callable[[int], None]):

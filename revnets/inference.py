@@ -1,27 +1,74 @@
-"""Trained models that carry their preprocessing: a checkpoint's `metadata`, and `load`.
+"""Trained models you can use: the model record a checkpoint holds, the one function that rebuilds a
+model from it, and `load`.
 
-Every checkpoint of `revnets train` holds, next to the weights, what inference needs (``meta``):
+Every checkpoint of `revnets train` holds, next to the weights, one record of the model:
 
-    {"network": {"model": name, "units", "channels", "h", "norm", "segment", "exact", "plain",
-                 "grown": growths so far},
-     "classes": [name, ...], "in_channels": C, "image_size": (H, W),
-     "mean": (C,) float32, "std": (C,) float32}    # the training split's channel statistics
+    {"model": registered name, "overrides": build_model's keyword settings, "grown": growths so far,
+     "memory_efficient": bool, "kind": "image" or "text",
+     image: "classes": [name, ...], "in_channels": C, "image_size": (H, W),
+            "mean": (C,) float32, "std": (C,) float32     # the training split's channel statistics
+     text:  "vocab": {"level": "char" or "byte", "chars": str}}
 
-`load(path)` rebuilds a `Classifier`: the network behind its standardisation, so that it takes
-images as they are decoded (floats in [0, 1]) and `torch.export` / ONNX exports include the
-preprocessing. A checkpoint saved before ``meta`` existed still loads: its statistics are
-recomputed from the training split its config names (`training_stats`), with a one-line note.
+`build(record)` rebuilds its model, without weights: a `Classifier` (the network behind its
+standardisation, so that it takes images as they are decoded, floats in [0, 1], and `torch.export`
+/ ONNX exports include the preprocessing) or a `LanguageModel` (the network with its vocabulary).
+`load(path)` also loads the weights. Checkpoints written before records existed (2026-12-01: a
+``meta`` entry for images, ``vocab`` for text) are read into the same record (`record_of`).
 """
 import os
-import sys
 
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint, data
-from .config import growths, model_from_config
+from . import checkpoint
+from .models import build_model, spec
+from .multilevel import grow
+from .transformer import generate
 
-NETWORK_KEYS = ("model", "units", "channels", "h", "norm", "segment", "exact", "plain")  # model_from_config's
+KINDS = ("image", "text")
+LEVELS = ("char", "byte")
+# The run settings (`revnets train` flags, as config.json saves them) that are settings of the model.
+MODEL_FLAGS = ("units", "channels", "h", "norm", "segment", "exact", "context", "mlp", "dropout")
+
+
+class Vocabulary:
+    """Token ids of characters (`chars`, level "char") or of UTF-8 bytes (level "byte", 256 ids)."""
+
+    def __init__(self, level: str = "char", chars: str = ""):
+        if level not in LEVELS:
+            raise ValueError(f"unknown text level {level!r}; expected one of {', '.join(LEVELS)}")
+        if level == "char" and not (isinstance(chars, str) and chars):
+            raise ValueError("a character vocabulary needs at least one character")
+        self.level, self.chars = level, chars if level == "char" else ""
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def of(cls, text: str, level: str = "char") -> "Vocabulary":
+        """The vocabulary of `text`: its distinct characters, sorted, or the bytes."""
+        return cls(level, "".join(sorted(set(text))) if level == "char" else "")
+
+    def __len__(self) -> int:
+        return len(self.chars) if self.level == "char" else 256
+
+    def encode(self, text: str) -> Tensor:
+        """(len,) int64 token ids; ValueError naming a character outside the vocabulary."""
+        if self.level == "byte":
+            return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+        unknown = set(text) - self.index.keys()
+        if unknown:
+            raise ValueError(f"characters not in the vocabulary of {len(self)}: {''.join(sorted(unknown))!r}")
+        return torch.tensor([self.index[c] for c in text], dtype=torch.long)
+
+    def decode(self, ids: Tensor) -> str:
+        """Text of (len,) token ids (byte level: invalid UTF-8, as from a cut sequence, becomes U+FFFD)."""
+        ids = ids.tolist()
+        if self.level == "byte":
+            return bytes(ids).decode("utf-8", errors="replace")
+        return "".join(self.chars[i] for i in ids)
+
+    def state(self) -> dict:
+        """Plain values for a checkpoint; `Vocabulary(**state)` rebuilds it."""
+        return {"level": self.level, "chars": self.chars}
 
 
 class Classifier(nn.Module):
@@ -33,9 +80,13 @@ class Classifier(nn.Module):
 
     def __init__(self, net: nn.Module, mean: Tensor, std: Tensor, classes: list[str], image_size: tuple[int, int]):
         super().__init__()
+        mean, std = (torch.as_tensor(t, dtype=torch.float32).view(-1, 1, 1) for t in (mean, std))
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError(f"a standardisation needs finite means and finite positive standard deviations; got "
+                             f"mean {mean.flatten().tolist()}, std {std.flatten().tolist()}")
         self.net, self.classes, self.image_size = net, list(classes), tuple(image_size)
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1))
-        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1))
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
 
     @property
     def in_channels(self) -> int:
@@ -47,50 +98,151 @@ class Classifier(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
-def metadata(config: dict, ds: data.Dataset, stats: tuple[Tensor, Tensor], epoch: int) -> dict:
-    """The ``meta`` of a checkpoint saved after `epoch` epochs of a run with `config` (a dict of its
-    settings) on `ds`, whose training split has the channel statistics `stats` = (mean, std)."""
-    network = {k: config.get(k) for k in NETWORK_KEYS}
-    mean, std = stats
-    return dict(network={**network, "grown": growths(config, epoch)}, classes=list(ds.classes),
-                in_channels=ds.train_x.shape[1], image_size=tuple(ds.train_x.shape[2:]),
-                mean=mean.float().cpu(), std=std.float().cpu())
+class LanguageModel(nn.Module):
+    """A trained language model with its vocabulary: tokens (N, T) int64 -> logits (N, T, len(vocab)),
+    T <= `context`; `generate` continues a text."""
+
+    def __init__(self, net: nn.Module, vocab: Vocabulary):
+        super().__init__()
+        self.net, self.vocab = net, vocab
+
+    @property
+    def context(self) -> int:
+        return self.net.context
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.net(tokens)
+
+    def generate(self, prompt: str, tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> str:
+        """The prompt and `tokens` sampled tokens as text (`revnets.transformer.generate`)."""
+        if not prompt:
+            raise ValueError("the prompt must hold at least one character")
+        device = next(self.parameters()).device
+        ids = self.vocab.encode(prompt)[None].to(device)
+        return self.vocab.decode(generate(self, ids, tokens, temperature, top_k, generator)[0].cpu())
 
 
-def training_stats(ds: data.Dataset, config: dict) -> tuple[Tensor, Tensor]:
-    """(mean, std), each (C,), of the training images a run with `config` standardised with: the whole
-    training split, or the run's own split of it (`data.subsample`) when evaluating on its dataset."""
-    if ds.name == config.get("dataset"):
-        ds = data.subsample(ds, config.get("train_fraction", 1.0), config.get("seed", 0),
-                            config.get("val_fraction", 0.0))
-    return data.channel_stats(ds.train_x)
+def model_overrides(settings: dict) -> dict:
+    """`build_model`'s keyword settings from a run's settings (config.json's or a checkpoint's):
+    the `MODEL_FLAGS` that were given, as the model takes them (norm "none" is None, segment "3" is 3)."""
+    found = {}
+    for key in MODEL_FLAGS:
+        value = settings.get(key)
+        if value is None or value is False:
+            continue
+        if key in ("units", "channels"):
+            value = tuple(value)
+        elif key == "norm":
+            value = None if value == "none" else value
+        elif key == "segment":
+            value = value if value == "auto" else int(value)
+        found[key] = value
+    return found
 
 
-def load(path: str | os.PathLike, device: str | torch.device | None = None) -> Classifier:
-    """The trained model of a checkpoint, in eval mode on `device` (default: cpu), e.g.
-    ``model = revnets.load("runs/h74/best.pt"); probs = model(images).softmax(1)`` with images
-    (N, C, H, W) float in [0, 1]; ``model.classes`` names the outputs."""
-    return from_checkpoint(checkpoint.load(path), path).to(device or "cpu").eval()
+def record(model: str, overrides: dict, kind: str, memory_efficient: bool = True, grown: int = 0, **interface) -> dict:
+    """A model record (module docstring); `interface`: classes, in_channels, image_size, mean, std
+    for an image model, vocab (`Vocabulary.state()`) for a language model."""
+    return dict(model=model, overrides=dict(overrides), kind=kind, memory_efficient=memory_efficient, grown=grown,
+                **interface)
 
 
-def from_checkpoint(ckpt: dict, path: str | os.PathLike, ds: data.Dataset | None = None) -> Classifier:
-    """The Classifier of `ckpt` (`checkpoint.load`'s dict, read from `path`). A checkpoint without
-    ``meta`` is standardised with `training_stats` of `ds` (default: the dataset its config names)."""
-    meta = ckpt.get("meta")
-    if meta is None:
-        return _from_old_checkpoint(ckpt, path, ds)
-    net_settings = meta["network"]
-    net = model_from_config(net_settings, len(meta["classes"]), meta["in_channels"], net_settings["grown"])
-    checkpoint.load_state(net, ckpt["model"], path)
-    checkpoint.check_finite(ckpt["model"], path)
-    return Classifier(net, meta["mean"], meta["std"], meta["classes"], meta["image_size"])
+def build_network(rec: dict) -> nn.Module:
+    """The network of a model record, grown as often as it was, without its weights; ValueError
+    naming what in the record cannot be built."""
+    if not isinstance(rec, dict) or rec.get("kind") not in KINDS or not isinstance(rec.get("overrides"), dict):
+        raise ValueError(f"not a model record (expected a dict with kind in {KINDS} and overrides)")
+    if spec(rec["model"])["kind"] != rec["kind"]:
+        raise ValueError(f"model {rec['model']!r} is not an {rec['kind']} model")
+    try:
+        if rec["kind"] == "image":
+            net = build_model(rec["model"], num_classes=len(rec["classes"]), in_channels=rec["in_channels"],
+                              memory_efficient=rec["memory_efficient"], **rec["overrides"])
+        else:
+            net = build_model(rec["model"], vocab_size=len(Vocabulary(**rec["vocab"])),
+                              memory_efficient=rec["memory_efficient"], **rec["overrides"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"an incomplete model record ({type(e).__name__}: {e})") from None
+    for _ in range(rec["grown"]):
+        net = grow(net)
+    return net
 
 
-def _from_old_checkpoint(ckpt: dict, path: str | os.PathLike, ds: data.Dataset | None) -> Classifier:
-    net, config = checkpoint.load_model(path)
-    if ds is None:
-        ds = data.load_dataset(config.get("dataset"), config.get("data_dir"))
-    print(f"note: {path} stores no standardisation (saved before checkpoints did); recomputed from "
-          f"the {ds.name} training split", file=sys.stderr)
-    mean, std = training_stats(ds, config)
-    return Classifier(net, mean, std, ds.classes, ds.train_x.shape[2:])
+def build(rec: dict) -> nn.Module:
+    """The usable model of a record, without its weights: a `Classifier` or a `LanguageModel`."""
+    net = build_network(rec)
+    if rec["kind"] == "image":
+        return Classifier(net, rec["mean"], rec["std"], rec["classes"], rec["image_size"])
+    return LanguageModel(net, Vocabulary(**rec["vocab"]))
+
+
+def record_of(ckpt: dict, path: str | os.PathLike) -> dict | None:
+    """The model record of a checkpoint (`checkpoint.load`'s dict, read from `path`), read from the
+    formats of earlier versions too; None for an image checkpoint saved before checkpoints stored
+    their standardisation; ValueError naming the file when the record is damaged."""
+    try:
+        return _record_of(ckpt)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path} holds a damaged model record ({type(e).__name__}: {e})") from None
+
+
+def _record_of(ckpt: dict) -> dict | None:
+    if "record" in ckpt:
+        if not isinstance(ckpt["record"], dict):
+            raise TypeError(f"the record is a {type(ckpt['record']).__name__}, not a dict")
+        return ckpt["record"]
+    config = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
+    if "meta" in ckpt:  # image checkpoints of 2026-12-01
+        meta = ckpt["meta"]
+        network = meta["network"]
+        return record(network["model"], model_overrides(network), "image", not network.get("plain"),
+                      network["grown"], classes=meta["classes"], in_channels=meta["in_channels"],
+                      image_size=meta["image_size"], mean=meta["mean"], std=meta["std"])
+    if "vocab" in ckpt and config.get("dataset") == "text":  # text checkpoints of 2026-12-01
+        return record(config["model"], model_overrides(config), "text", not config.get("plain"), 0,
+                      vocab=ckpt["vocab"])
+    return None
+
+
+def from_checkpoint(ckpt: dict, path: str | os.PathLike, rec: dict | None = None) -> nn.Module:
+    """The model of `ckpt` (`checkpoint.load`'s dict, read from `path`) with its weights, in eval
+    mode: `build` of its record (or of `rec`), the weights checked to be finite and to fit."""
+    rec = rec if rec is not None else record_of(ckpt, path)
+    if rec is None:
+        raise ValueError(f"{path} stores no standardisation (saved before checkpoints did): `revnets eval` and "
+                         "`revnets predict` recompute it from its run's training split")
+    state = ckpt["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds no weights (its model is a {type(state).__name__})")
+    _check_size(rec, state, path)
+    try:
+        model = build(rec)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: its model record cannot be built ({e})") from None
+    checkpoint.load_state(model.net, state, path)
+    checkpoint.check_finite(state, path)
+    return model.eval()
+
+
+def _check_size(rec: dict, state: dict, path) -> None:
+    """ValueError when the record asks for more blocks than the weights could hold (one tensor each
+    at least): a damaged or crafted record is refused before anything is built."""
+    try:
+        found = spec(rec["model"])
+        sizes = {**found, **rec["overrides"]}
+        blocks = sum(sizes["units"]) if found["kind"] == "image" else sizes["depth"]
+        blocks *= 2 ** rec["grown"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: its model record cannot be built ({e})") from None
+    if not (isinstance(blocks, int) and 0 < blocks <= len(state)):
+        raise ValueError(f"{path}: its model record asks for {blocks} blocks, but its weights hold {len(state)} "
+                         "tensors")
+
+
+def load(path: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
+    """The trained model of a checkpoint, in eval mode on `device` (default: cpu): a `Classifier`
+    (``model = revnets.load("runs/h74/best.pt"); probs = model(images).softmax(1)`` with images
+    (N, C, H, W) float in [0, 1]; ``model.classes`` names the outputs) or a `LanguageModel`
+    (``revnets.load("runs/lm/best.pt").generate("In the beginning", 100)``)."""
+    return from_checkpoint(checkpoint.load(path), path).to(device or "cpu")

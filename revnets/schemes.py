@@ -19,7 +19,8 @@ call::
     revnets.register_scheme("additive", Additive, width=8)
 
 after which `Network`, `ReversibleStack`, `register_model`, analysis and the command line take the
-name "additive".
+name "additive". A scheme may also name its transformer layer (`layer=`, see `revnets.layers`): then
+`ReversibleTransformer` and the language models take the name too.
 """
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -28,11 +29,13 @@ from typing import Any, Mapping
 from torch import nn
 
 from .blocks import BasicBlock, HamiltonianBlock, LeapfrogBlock, MidPointBlock, ReversibleBlock, RevNetBlock
+from .layers import HamiltonianLayer, Layer, LeapfrogLayer, MidPointLayer, ResidualLayer, RevNetLayer
 
 
 @dataclass(frozen=True)
 class Scheme:
-    """A registered scheme: its `name`, its `block` class and the keyword `defaults` its blocks are built with.
+    """A registered scheme: its `name`, its `block` class, the keyword `defaults` its blocks are built
+    with, and its transformer `layer` class (None: no language models).
 
     `reversible`: the block is a `ReversibleBlock` (its units run through the memory-efficient
     engine); otherwise it is built as `block(c_in, c_out, stride, **kw)`, as ResNet's basic block.
@@ -43,6 +46,7 @@ class Scheme:
     name: str
     block: type[nn.Module]
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    layer: type[Layer] | None = None
 
     @property
     def reversible(self) -> bool:
@@ -64,12 +68,14 @@ class Scheme:
 SCHEMES: dict[str, Scheme] = {}
 
 
-def register_scheme(name: str, block_cls: type[nn.Module], **defaults) -> Scheme:
+def register_scheme(name: str, block_cls: type[nn.Module], layer: type[Layer] | None = None, **defaults) -> Scheme:
     """Register `block_cls` under `name`, built with keyword `defaults` unless overridden; returns its record.
 
     `block_cls`: a `ReversibleBlock` subclass taking `(channels, **kw)` (kw receives the defaults,
     the overrides and `dim`), or a non-reversible `nn.Module` taking `(c_in, c_out, stride, **kw)`.
-    A name can be registered once.
+    `layer`: the scheme's transformer layer, a `revnets.layers.Layer` subclass, reversible (also a
+    `ReversibleBlock`) exactly when the block is, taking `h` when the defaults do. A name can be
+    registered once.
     """
     if not (isinstance(name, str) and name):
         raise ValueError(f"a scheme name must be a non-empty string; got {name!r}")
@@ -77,7 +83,11 @@ def register_scheme(name: str, block_cls: type[nn.Module], **defaults) -> Scheme
         raise ValueError(f"scheme {name!r} is already registered (to {SCHEMES[name].block.__name__})")
     if not (isinstance(block_cls, type) and issubclass(block_cls, nn.Module)):
         raise ValueError(f"register_scheme expects an nn.Module class for {name!r}; got {block_cls!r}")
-    SCHEMES[name] = Scheme(name, block_cls, MappingProxyType(dict(defaults)))
+    if layer is not None and not (isinstance(layer, type) and issubclass(layer, Layer)
+                                  and issubclass(layer, ReversibleBlock) == issubclass(block_cls, ReversibleBlock)):
+        raise ValueError(f"register_scheme expects for {name!r} a revnets.layers.Layer class that is a ReversibleBlock "
+                         f"exactly when {block_cls.__name__} is; got layer={layer!r}")
+    SCHEMES[name] = Scheme(name, block_cls, MappingProxyType(dict(defaults)), layer)
     return SCHEMES[name]
 
 
@@ -92,8 +102,8 @@ def get_scheme(scheme: "str | Scheme") -> Scheme:
 
 # The paper's schemes. BatchNorm inside K^T s(N(K y + b)) and h = 0.1 trained best of
 # {no norm, BatchNorm} x {0.1, 1.0} in benchmarks/defaults.py (README, "Defaults").
-register_scheme("hamiltonian", HamiltonianBlock, h=0.1, act=nn.ReLU, norm="batch")
-register_scheme("midpoint", MidPointBlock, h=0.1, act=nn.ReLU, norm="batch")
-register_scheme("leapfrog", LeapfrogBlock, h=0.1, act=nn.ReLU, norm="batch")
-register_scheme("revnet", RevNetBlock, act=nn.ReLU, norm="batch")
-register_scheme("resnet", BasicBlock, act=nn.ReLU, norm="batch")
+register_scheme("hamiltonian", HamiltonianBlock, HamiltonianLayer, h=0.1, act=nn.ReLU, norm="batch")
+register_scheme("midpoint", MidPointBlock, MidPointLayer, h=0.1, act=nn.ReLU, norm="batch")
+register_scheme("leapfrog", LeapfrogBlock, LeapfrogLayer, h=0.1, act=nn.ReLU, norm="batch")
+register_scheme("revnet", RevNetBlock, RevNetLayer, act=nn.ReLU, norm="batch")
+register_scheme("resnet", BasicBlock, ResidualLayer, act=nn.ReLU, norm="batch")

@@ -1,20 +1,13 @@
 """Reversible causal transformers: the paper's schemes around attention and MLP, memory flat in depth.
 
 A language model maps tokens (N, T) to logits (N, T, vocab): token and position embedding, a chain
-of `depth` blocks on states of shape (N, T, width), a final LayerNorm and a head tied to the token
-embedding. Each block has one causal self-attention A (pre-norm, `F.scaled_dot_product_attention`
-with is_causal=True) and one MLP M (pre-norm):
-
-    residual     x += A(x); x += M(x)                       the pre-norm transformer (GPT-2), baseline
-    revnet       Y += A(Z); Z += M(Y)                        RevNet's coupling, Eq. (19) (Reformer's)
-    hamiltonian  Y += h A(Z); Z -= h M(Y)                    Verlet step, Eq. (10), state (Y, Z)
-    midpoint     Y_{j+1} = Y_{j-1} + 2h F(Y_j)                Eq. (15), state (Y_{j-1}, Y_j)
-    leapfrog     Y_{j+1} = 2 Y_j - Y_{j-1} - h^2 F(Y_j)       Eq. (17), state (Y_{j-1}, Y_j)
-
-where F(y) = u + M(y + u), u = A(y), is the increment of one pre-norm transformer layer. The
-reversible schemes are `ReversibleBlock`s made of additive couplings and run through the one
-engine (`revnets.engine.reversible`): gradients equal plain autograd's, activations are rebuilt
-instead of stored.
+of `depth` layers on states of shape (N, T, width), a final LayerNorm and a head tied to the token
+embedding. Each layer has one causal self-attention A (pre-norm, `F.scaled_dot_product_attention`
+with is_causal=True) and one MLP M (pre-norm), and steps as its scheme says (`revnets.layers`:
+resnet, the pre-norm transformer of GPT-2; revnet, Eq. 19; hamiltonian, Eq. 10; midpoint, Eq. 15;
+leapfrog, Eq. 17). The reversible schemes' layers are a `ReversibleChain`: they run through the
+one engine, so gradients equal plain autograd's and activations are rebuilt instead of stored,
+and `segment`, `exact`, `revnets.grow`, `reversal_error` and `analysis` work on them as on images.
 
 Choices, and why:
   * M is the standard MLP, W2 GELU(W1 n(y) + b1) + b2 with hidden width 4 width (`mlp="standard"`),
@@ -42,201 +35,55 @@ Choices, and why:
     Euler step Y_1 = Y_0 + h F(Y_0) (Eq. 12), as in `revnets.blocks.MidPointBlock`. RevNet and
     Hamiltonian start from (x, x) as Reformer does. The head reads Y_N, or (Y + Z) / 2 for the
     pair schemes, so that it stays `width` wide and can be tied.
-  * h = 1: the step multiplies a learned function whose output projection starts small (GPT-2's
-    0.02 / sqrt(2 depth)), so training chooses the size of each step; h < 1 scales every step down.
+  * h = 1 (the default of every scheme with a step): the step multiplies a learned function whose
+    output projection starts small (GPT-2's 0.02 / sqrt(2 depth)), so training chooses the size of
+    each step; h < 1 scales every step down.
   * Dropout is `nn.Dropout` on each branch's output (and the embedding), never attention
     dropout inside the SDPA kernel, so that the engine sees every random op it must replay.
 """
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import engine
-from .blocks import Coupling, ReversibleBlock
-
-SCHEMES = ("hamiltonian", "midpoint", "leapfrog", "revnet", "residual")
-MLPS = ("standard", "symmetric")  # the blocks' MLP: M or Eq. (7)'s M~ (module docstring)
+from .layers import MLPS
+from .networks import MemoryEfficient, ReversibleChain
+from .schemes import SCHEMES, Scheme, get_scheme
 
 
-class Attention(nn.Module):
-    """Causal multi-head self-attention of n(x), n a LayerNorm: (N, T, width) -> (N, T, width).
-
-    `forward(x, scale)` returns scale * A(x) with the scale on the output projection's weights: one
-    pass over (width, width) numbers instead of one over the (N, T, width) output (and its gradient).
-    """
-
-    def __init__(self, width: int, heads: int, dropout: float = 0.0):
-        super().__init__()
-        self.heads = heads
-        self.norm = nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, scale: float = 1.0) -> Tensor:
-        n, t, d = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        try:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # fused kernel, no (T, T) mask tensor
-        except NotImplementedError:  # forward-mode AD (analysis.growth): the fused CPU kernel has no JVP
-            with sdpa_kernel(SDPBackend.MATH):
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.drop(F.linear(y.transpose(1, 2).reshape(n, t, d), scale * self.proj.weight, scale * self.proj.bias))
+def layer_settings(record: Scheme) -> list[str]:
+    """The keyword settings a language model of this scheme takes besides its sizes."""
+    return (["h"] if record.has_step else []) + ["mlp", "dropout", "tied"] + (
+        ["segment", "exact"] if record.reversible else [])
 
 
-class MLP(nn.Module):
-    """W2 GELU(W1 n(x) + b1) + b2, hidden width 4 * width: (N, T, width) -> (N, T, width); `forward(x,
-    scale)` is scale times that, the scale on W2 and b2 (as in `Attention`)."""
-
-    def __init__(self, width: int, dropout: float = 0.0):
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.fc = nn.Linear(width, 4 * width)
-        self.proj = nn.Linear(4 * width, width)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, scale: float = 1.0) -> Tensor:
-        return self.drop(F.linear(F.gelu(self.fc(self.norm(x))), scale * self.proj.weight, scale * self.proj.bias))
-
-
-class SymmetricMLP(nn.Module):
-    """K^T ReLU(K n(x) + b), Eq. (7) on tokens, K: width -> 4 * width, n a LayerNorm without affine
-    weights: a Jacobian with real eigenvalues >= 0 (module docstring). (N, T, width) -> same;
-    `forward(x, scale)` is scale times that, the scale on K^T (as in `Attention`)."""
-
-    def __init__(self, width: int, dropout: float = 0.0):
-        super().__init__()
-        self.norm = nn.LayerNorm(width, elementwise_affine=False)
-        self.k = nn.Linear(width, 4 * width)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, scale: float = 1.0) -> Tensor:
-        return self.drop(F.relu(self.k(self.norm(x))) @ (scale * self.k.weight))
-
-
-class _Layer(nn.Module):
-    """Attention and MLP of one block; `increment(y, scale) = scale * (u + M(y + u))`, u = A(y): one
-    transformer layer's update of its input, scaled (the scale on M's output weights and on u's
-    addition, so that the scaled increment costs no pass of its own)."""
-
-    def __init__(self, width: int, heads: int, dropout: float, mlp: str):
-        super().__init__()
-        self.attn = Attention(width, heads, dropout)
-        self.mlp = (SymmetricMLP if mlp == "symmetric" else MLP)(width, dropout)
-
-    def increment(self, y: Tensor, scale: float = 1.0) -> Tensor:
-        u = self.attn(y)
-        return torch.add(self.mlp(y + u, scale), u, alpha=scale)
-
-
-class ResidualBlock(_Layer):
-    """Pre-norm transformer layer x + F(x) (GPT-2): not reversible, its activations are stored."""
-
-    def __init__(self, width: int, heads: int, dropout: float = 0.0, mlp: str = "standard"):
-        super().__init__(width, heads, dropout, mlp)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.increment(x)
-
-
-class RevNetLayer(ReversibleBlock, _Layer):
-    """Y += A(Z), then Z += M(Y): RevNet's coupling, Eq. (19), state (Y, Z) each (N, T, width)."""
-
-    def __init__(self, width: int, heads: int, dropout: float = 0.0, mlp: str = "standard"):
-        _Layer.__init__(self, width, heads, dropout, mlp)
-
-    def couplings(self) -> tuple[Coupling, ...]:
-        return Coupling(+1, self.attn), Coupling(+1, self.mlp)
-
-
-class HamiltonianLayer(ReversibleBlock, _Layer):
-    """Verlet step, Eq. (10): Y += h A(Z), then Z -= h M(Y). State (Y, Z) each (N, T, width)."""
-
-    def __init__(self, width: int, heads: int, dropout: float = 0.0, h: float = 1.0, mlp: str = "standard"):
-        _Layer.__init__(self, width, heads, dropout, mlp)
-        self.h = h
-
-    def couplings(self) -> tuple[Coupling, ...]:
-        return Coupling(+1, self._dy), Coupling(+1, self._dz)
-
-    def _dy(self, z: Tensor) -> Tensor:
-        return self.attn(z, self.h)
-
-    def _dz(self, y: Tensor) -> Tensor:
-        return self.mlp(y, -self.h)
-
-
-class MidPointLayer(ReversibleBlock, _Layer):
-    """Midpoint step, Eq. (15): Y_{j+1} = Y_{j-1} + 2h F(Y_j), F a transformer layer's increment.
-
-    State (Y_{j-1}, Y_j) each (N, T, width). With `euler=True`, the first block: Y_1 = Y_0 + h F(Y_0)
-    on the state (Y_0, Y_0) (Eq. 12).
-    """
-
-    def __init__(self, width: int, heads: int, dropout: float = 0.0, h: float = 1.0, mlp: str = "standard",
-                 euler: bool = False):
-        _Layer.__init__(self, width, heads, dropout, mlp)
-        self.h, self.euler = h, euler
-
-    def couplings(self) -> tuple[Coupling, ...]:
-        return (Coupling(+1, self._update),)
-
-    def _update(self, y: Tensor) -> Tensor:
-        return self.increment(y, self.h if self.euler else 2 * self.h)
-
-
-class LeapfrogLayer(ReversibleBlock, _Layer):
-    """Leapfrog step of Y'' = -F(Y), Eq. (17): Y_{j+1} = 2 Y_j - Y_{j-1} - h^2 F(Y_j), F a transformer
-    layer's increment.
-
-    State (Y_{j-1}, Y_j) each (N, T, width); the inverse is Eq. (18).
-    """
-
-    def __init__(self, width: int, heads: int, dropout: float = 0.0, h: float = 1.0, mlp: str = "standard"):
-        _Layer.__init__(self, width, heads, dropout, mlp)
-        self.h = h
-
-    def couplings(self) -> tuple[Coupling, ...]:
-        return (Coupling(-1, self._update),)
-
-    def _update(self, y: Tensor) -> Tensor:
-        return torch.add(self.increment(y, -self.h**2), y, alpha=2)
-
-
-def _blocks(scheme: str, width: int, heads: int, depth: int, dropout: float, h: float, mlp: str) -> nn.ModuleList:
-    if scheme == "residual":
-        return nn.ModuleList(ResidualBlock(width, heads, dropout, mlp) for _ in range(depth))
-    if scheme == "revnet":
-        return nn.ModuleList(RevNetLayer(width, heads, dropout, mlp) for _ in range(depth))
-    if scheme == "midpoint":
-        return nn.ModuleList(MidPointLayer(width, heads, dropout, h, mlp, euler=i == 0) for i in range(depth))
-    layer = HamiltonianLayer if scheme == "hamiltonian" else LeapfrogLayer
-    return nn.ModuleList(layer(width, heads, dropout, h, mlp) for _ in range(depth))
-
-
-class ReversibleTransformer(nn.Module):
-    """Causal language model on a chain of `depth` blocks of one scheme (module docstring).
+class ReversibleTransformer(MemoryEfficient, nn.Module):
+    """Causal language model on a chain of `depth` layers of one scheme (module docstring).
 
     tokens (N, T) int64 with T <= context and ids in [0, vocab_size) -> logits (N, T, vocab_size).
-    `memory_efficient=False` trains the same module (same state_dict) with plain autograd (the
-    residual scheme always does). `mlp`: every block's MLP, "standard" or Eq. (7)'s "symmetric"
-    (module docstring). `tied`: the head is the token embedding's weight.
+    `scheme`: a registered scheme with a transformer layer (`revnets.schemes`). `memory_efficient`,
+    `segment` and `exact`: how its `ReversibleChain` runs (`revnets.networks`; `memory_efficient=False`
+    trains the same module, same state_dict, with plain autograd; the resnet scheme always does).
+    `h`: the step of the schemes that have one (default 1). `mlp`: every layer's MLP, "standard" or
+    Eq. (7)'s "symmetric" (module docstring). `tied`: the head is the token embedding's weight.
     """
 
     def __init__(self, vocab_size: int, width: int, depth: int, heads: int, context: int,
                  scheme: str = "leapfrog", memory_efficient: bool = True, dropout: float = 0.0,
-                 h: float = 1.0, mlp: str = "standard", tied: bool = True):
+                 h: float | None = None, mlp: str = "standard", tied: bool = True,
+                 segment: int | str | None = None, exact: bool = False):
         super().__init__()
-        _check_sizes(vocab_size, width, depth, heads, context, scheme, dropout, h, mlp)
-        self.scheme, self.context, self.vocab_size = scheme, context, vocab_size
-        self.memory_efficient = memory_efficient
+        record = get_scheme(scheme)
+        _check_sizes(vocab_size, width, depth, heads, context, record, dropout, h, mlp)
+        self.scheme, self.context, self.vocab_size = record.name, context, vocab_size
+        self.layer = record.layer
         self.tok = nn.Embedding(vocab_size, width)
         self.pos = nn.Embedding(context, width)
         self.drop = nn.Dropout(dropout)
-        self.blocks = _blocks(scheme, width, heads, depth, dropout, h, mlp)
+        step = dict(h=1.0 if h is None else h) if record.has_step else {}
+        layers = record.layer.stack(depth, width, heads, dropout=dropout, mlp=mlp, **step)
+        self.blocks = ReversibleChain(layers, memory_efficient, segment, exact, name="blocks") \
+            if record.reversible else nn.ModuleList(layers)
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab_size, bias=False)
         self.apply(self._init)
@@ -256,7 +103,7 @@ class ReversibleTransformer(nn.Module):
     def check_input(self, tokens: Tensor) -> None:
         """ValueError unless tokens is (N, T) integer with 1 <= T <= context and ids in [0, vocab_size)."""
         if tokens.dim() != 2 or tokens.dtype.is_floating_point or tokens.dtype.is_complex \
-                or not 1 <= tokens.shape[1] <= self.context:
+                or tokens.dtype == torch.bool or not 1 <= tokens.shape[1] <= self.context:
             raise ValueError(f"ReversibleTransformer expects (N, T) integer tokens with 1 <= T <= context="
                              f"{self.context}; got {tuple(tokens.shape)} {tokens.dtype}")
         if not torch.compiler.is_compiling() and tokens.numel():
@@ -266,33 +113,29 @@ class ReversibleTransformer(nn.Module):
                                  f"[{low}, {high}]")
 
     def chain_input(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """The state (a, b) the block chain starts from, each (N, T, width) (for the residual scheme
-        a is unused)."""
+        """The state (a, b) the layers start from, each (N, T, width) (the resnet scheme reads b)."""
         self.check_input(tokens)
         x = self.drop(self.tok(tokens) + self.pos(torch.arange(tokens.shape[1], device=tokens.device)))
-        return x, x
+        return self.layer.split(x)
 
     def forward(self, tokens: Tensor) -> Tensor:
         a, b = self.chain_input(tokens)
-        if self.scheme == "residual":
-            for block in self.blocks:
-                b = block(b)
-            x = b
+        if isinstance(self.blocks, ReversibleChain):
+            x = self.layer.merge(*self.blocks(a, b))
         else:
-            if self.memory_efficient:
-                a, b = engine.reversible(self.blocks, a, b)
-            else:
-                a, b = engine.sequential(self.blocks, a, b)
-            x = (a + b) / 2 if self.scheme in ("revnet", "hamiltonian") else b
+            x = b
+            for layer in self.blocks:
+                x = layer(x)
         return self.head(self.norm(x))
 
 
-def _check_sizes(vocab_size, width, depth, heads, context, scheme, dropout, h, mlp) -> None:
+def _check_sizes(vocab_size, width, depth, heads, context, record: Scheme, dropout, h, mlp) -> None:
     for name, value in dict(vocab_size=vocab_size, width=width, depth=depth, heads=heads, context=context).items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    if record.layer is None:
+        raise ValueError(f"scheme {record.name!r} has no transformer layer; expected one of "
+                         f"{', '.join(s for s in SCHEMES if SCHEMES[s].layer is not None)}")
     if mlp not in MLPS:
         raise ValueError(f"unknown mlp {mlp!r}; expected one of {', '.join(MLPS)}")
     if width % heads:
@@ -300,38 +143,23 @@ def _check_sizes(vocab_size, width, depth, heads, context, scheme, dropout, h, m
                          f"heads={heads}")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must lie in [0, 1); got {dropout}")
-    if not h > 0:
-        raise ValueError(f"h (the step size) must be positive; got {h}")
-
-
-# Named sizes, one model for every scheme (equal parameters). "small" fits a CPU (about 1.2M
-# parameters with a 90-character vocabulary).
-_LM_SIZES = {"tiny": dict(width=36, depth=4, heads=2, context=64),
-             "small": dict(width=128, depth=6, heads=4, context=128),
-             "base": dict(width=384, depth=12, heads=6, context=256)}
-LM_MODELS: dict[str, dict] = {f"{scheme}-lm-{size}": dict(dims, scheme=scheme)
-                              for scheme in SCHEMES for size, dims in _LM_SIZES.items()}
-
-
-def build_lm(name: str, vocab_size: int, **kw) -> ReversibleTransformer:
-    """The named size of `LM_MODELS` for `vocab_size` tokens; keyword arguments override its entries."""
-    if name not in LM_MODELS:
-        raise ValueError(f"unknown language model {name!r}; valid names: {', '.join(LM_MODELS)}")
-    return ReversibleTransformer(vocab_size, **{**LM_MODELS[name], **kw})
+    if h is not None and not record.has_step:
+        raise ValueError(f"the {record.name} scheme has no step size h; got h={h}")
 
 
 @torch.no_grad()
-def generate(model: ReversibleTransformer, prompt: Tensor, tokens: int, temperature: float = 1.0,
+def generate(model: nn.Module, prompt: Tensor, tokens: int, temperature: float = 1.0,
              top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
     """Append `tokens` sampled tokens to `prompt` (N, T0): (N, T0 + tokens).
 
-    Each step reads the last `context` tokens, divides the last logits by `temperature` and samples
+    `model`: tokens (N, T) -> logits (N, T, vocab), reading at most `model.context` tokens. Each
+    step reads the last `context` tokens, divides the last logits by `temperature` and samples
     from the softmax over the `top_k` most likely tokens (all when None); temperature 0 is greedy.
     `generator` makes the samples reproducible. The model is used as it is (call `.eval()` first).
     """
-    if tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
-        raise ValueError(f"expected tokens >= 0, temperature >= 0 and top_k >= 1 or None; got tokens={tokens}, "
-                         f"temperature={temperature}, top_k={top_k}")
+    if tokens < 0 or not temperature >= 0 or math.isinf(temperature) or (top_k is not None and top_k < 1):
+        raise ValueError(f"expected tokens >= 0, a finite temperature >= 0 and top_k >= 1 or None; got "
+                         f"tokens={tokens}, temperature={temperature}, top_k={top_k}")
     out = prompt
     for _ in range(tokens):
         logits = model(out[:, -model.context:])[:, -1].float()

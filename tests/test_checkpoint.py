@@ -5,17 +5,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from revnets import checkpoint
-from revnets.config import growths, model_from_config
+from revnets import checkpoint, inference
+from revnets.training import Config
+from revnets.training.run import rng_state, set_rng_state
+from revnets.training.settings import growths
 
 CONFIG = dict(model="hamiltonian-74", units=(1, 1, 1), channels=(8, 16, 32), h=None, plain=False)
 
 
 def _ckpt(**config):
+    """A network and a checkpoint of it with its model record (grey 4x4 images of 10 classes)."""
     torch.manual_seed(0)
     cfg = {**CONFIG, **config}
-    model = model_from_config(cfg, num_classes=10, in_channels=3)
-    return model, dict(model=model.state_dict(), config=cfg, epoch=1)
+    rec = inference.record(cfg["model"], inference.model_overrides(cfg), "image", classes=[str(i) for i in range(10)],
+                           in_channels=3, image_size=(8, 8), mean=torch.zeros(3), std=torch.ones(3))
+    model = inference.build_network(rec)
+    return model, dict(model=model.state_dict(), config=cfg, epoch=1, record=rec)
 
 
 def test_save_replaces_atomically_and_load_round_trips(tmp_path):
@@ -30,12 +35,12 @@ def test_save_replaces_atomically_and_load_round_trips(tmp_path):
         assert torch.equal(loaded["model"][k], v)
 
 
-def test_load_model_rebuilds_the_network(tmp_path):
+def test_load_rebuilds_the_network_from_its_record(tmp_path):
     model, ckpt = _ckpt(h=0.05)
     checkpoint.save(tmp_path / "best.pt", ckpt)
-    rebuilt, config = checkpoint.load_model(tmp_path / "best.pt")
+    rebuilt = inference.load(tmp_path / "best.pt")
     x = torch.randn(2, 3, 8, 8)
-    assert config["h"] == 0.05 and not rebuilt.training
+    assert {b.h for unit in rebuilt.net.units for b in unit} == {0.05} and not rebuilt.training
     torch.testing.assert_close(rebuilt(x), model.eval()(x), rtol=0, atol=0)
 
 
@@ -55,7 +60,7 @@ def test_malicious_pickle_is_refused_without_running_its_code(tmp_path):
     with pytest.raises(ValueError, match="evil.pt"):
         checkpoint.load(path)
     with pytest.raises(ValueError, match="evil.pt"):
-        checkpoint.load_model(path)
+        inference.load(path)
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the payload is live: plain unpickling runs it
     assert marker.exists()
@@ -90,27 +95,27 @@ def test_missing_keys_and_non_dicts_are_refused(tmp_path):
         checkpoint.load(tmp_path / "c.pt")
 
 
-def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
+def test_weights_that_do_not_fit_the_record_are_refused(tmp_path):
     _, ckpt = _ckpt()
-    ckpt["config"] = {**CONFIG, "units": (2, 1, 1)}  # the weights are of a 1-1-1 network
+    ckpt["record"]["overrides"]["units"] = (2, 1, 1)  # the weights are of a 1-1-1 network
     checkpoint.save(tmp_path / "mismatch.pt", ckpt)
     with pytest.raises(ValueError, match=r"mismatch.pt does not match the model: .*units.0.blocks.0"):
-        checkpoint.load_model(tmp_path / "mismatch.pt")
+        inference.load(tmp_path / "mismatch.pt")
     _, ckpt = _ckpt()
-    ckpt["config"] = {**CONFIG, "channels": (8, 16, 64)}
+    ckpt["record"]["overrides"]["channels"] = (8, 16, 64)
     checkpoint.save(tmp_path / "size.pt", ckpt)
     with pytest.raises(ValueError, match=r"size.pt does not match the model: .*size mismatch"):
-        checkpoint.load_model(tmp_path / "size.pt")
+        inference.load(tmp_path / "size.pt")
 
 
 def test_growths_count_the_grow_epochs_before_the_checkpoint():
-    config = dict(grow_at=(2, 4))
+    config = Config(epochs=6, grow_at=(2, 4))
     assert [growths(config, e) for e in range(6)] == [0, 0, 0, 1, 1, 2]
-    assert growths({"grow_at": ()}, 5) == 0
+    assert growths(Config(), 5) == 0
 
 
 def test_rng_state_restores_the_random_number_stream():
-    state = checkpoint.rng_state(torch.device("cpu"))
+    state = rng_state(torch.device("cpu"))
     first = torch.rand(5)
-    checkpoint.set_rng_state(state, torch.device("cpu"))
+    set_rng_state(state, torch.device("cpu"))
     assert torch.equal(torch.rand(5), first)

@@ -1,5 +1,6 @@
 """The `revnets` command as a user's shell sees it."""
 import argparse
+import ast
 import os
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def test_import_registers_a_users_schemes_and_models_before_the_command():
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
     row = next(line for line in done.stdout.splitlines() if line.startswith("user-tanh-6 "))
-    assert row.split()[1:4] == ["user-tanh", "2-2-2", "8-16-16"] and row.split()[-1] == "-"
+    assert row.split()[1:6] == ["image", "user-tanh", "2-2-2", "/", "8-16-16"] and row.split()[-1] == "-"
 
 
 def test_imported_models_are_valid_names_for_the_commands(tmp_path, capsys):
@@ -70,16 +71,79 @@ def test_import_of_a_missing_module_is_one_line_and_exit_code_2(capsys):
     assert end.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
         "revnets: error: --import no_such_module_xyz: ModuleNotFoundError: No module named 'no_such_module_xyz'"]
 
-def test_library_modules_import_no_command_module():
-    """Data flows one way: cli -> commands -> library; the library never imports a command module."""
-    library = ["config", "rundir", "files", "loop", "train", "data", "checkpoint", "inference", "progress", "engine",
-               "networks", "transformer", "text", "lm"]
-    commands = ["cli", "evaluate", "predict", "plot", "report", "reproduce", "zoo", "generate"]
-    code = (f"import sys; import {', '.join('revnets.' + m for m in library)}; "
-            f"print([m for m in {commands} if 'revnets.' + m in sys.modules])")
+def _modules() -> dict[str, Path]:
+    """Every module of the package by its dotted name (a package by its __init__.py)."""
+    found = {}
+    for path in sorted((ROOT / "revnets").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def _imports(name: str, path: Path, modules: dict) -> list[tuple[str, str]]:
+    """(imported module, imported name or "") of every import statement in the module, those inside
+    functions included, with relative imports resolved."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, "") for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            source = ".".join(p for p in (base, node.module) if p)
+            for alias in node.names:
+                child = f"{source}.{alias.name}"
+                found.append((child, "") if child in modules else (source, alias.name))
+    return [(m, n) for m, n in found if m == "revnets" or m.startswith("revnets.")]
+
+
+def _layer(name: str) -> str:
+    return "cli" if name.startswith("revnets.cli") else "training" if name.startswith("revnets.training") else "core"
+
+
+def test_layers_import_downwards_only_and_never_anothers_private_names():
+    """The core (blocks, engine, networks, models, ...) imports nothing from training or cli; training
+    imports nothing from cli; no module imports another module's underscore names. Every import
+    counts, at the top of a file or inside a function."""
+    modules = _modules()
+    below = {"core": {"core"}, "training": {"core", "training"}, "cli": {"core", "training", "cli"}}
+    wrong, private = [], []
+    for name, path in modules.items():
+        for target, what in _imports(name, path, modules):
+            if _layer(target) not in below[_layer(name)]:
+                wrong.append(f"{name} imports {target}")
+            if what.startswith("_") and what != "__version__" and target != name:
+                private.append(f"{name} imports {target}.{what}")
+    assert len(modules) > 30 and not wrong and not private, wrong + private
+
+
+def test_no_import_circles():
+    modules = _modules()
+    graph = {name: {t for t, _ in _imports(name, path, modules) if t != name} for name, path in modules.items()}
+    done, path = set(), []
+
+    def visit(name):
+        assert name not in path, " -> ".join(path[path.index(name):] + [name])
+        if name in done:
+            return
+        path.append(name)
+        for target in graph.get(name, ()):
+            visit(target)
+        path.pop()
+        done.add(name)
+    for name in graph:
+        visit(name)
+
+
+def test_import_revnets_loads_no_training_command_or_argparse_module():
+    """`import revnets` loads the library core only. (torch itself imports argparse, so the check is
+    that no revnets module loaded uses it.)"""
+    code = ("import sys, revnets; print([m for m in sys.modules if m.startswith(('revnets.training', "
+            "'revnets.cli'))]); print([m.__name__ for n, m in list(sys.modules.items()) if n.startswith('revnets') "
+            "and 'import argparse' in open(m.__file__).read()])")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    assert done.stdout.strip() == "[]"
+    assert done.stdout.split("\n")[:2] == ["[]", "[]"], done.stdout
 
 
 @pytest.mark.parametrize("script", ["defaults.py", "drift.py"])

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from revnets import cli
-from revnets.config import Config, check_extension, config_dict, model_from_config, model_name, parse_config
+from revnets.cli.train import parse_config
+from revnets.inference import model_overrides
+from revnets.training import Config
+from revnets.training.settings import check_extension, config_dict, model_name
 
 TINY = ["--units", "1", "1", "1", "--channels", "8", "16", "32", "--batch-size", "200", "--epochs", "1"]
 
@@ -17,8 +20,10 @@ TINY = ["--units", "1", "1", "1", "--channels", "8", "16", "32", "--batch-size",
     (["--channels", "0", "16", "16"], "--channels must be positive numbers; got 0 16 16"),
     (["--units", "0", "1", "1"], "--units must be positive numbers"),
     (["--units", "1", "1", "1", "1", "1", "--channels", "8", "8", "8", "8", "8"], r"expects input of shape .* got \(1, 1, 8, 8\)"),
-    (["--h", "0"], "--h must be finite and > 0; got 0.0"),
-    (["--h", "nan"], "--h must be finite and > 0; got nan"),
+    (["--h", "0"], r"h \(the step size\) must be a finite number > 0; got 0.0"),
+    (["--h", "nan"], r"h \(the step size\) must be a finite number > 0; got nan"),
+    (["--h", "inf"], r"h \(the step size\) must be a finite number > 0; got inf"),
+    (["--context", "16"], "--context: not a setting of image runs"),
     (["--lr", "nan"], "--lr must be finite and > 0; got nan"),
     (["--lr", "-1"], "--lr must be finite and > 0"),
     (["--lr", "inf"], "--lr must be finite and > 0"),
@@ -65,9 +70,11 @@ def test_step_milestones_scale_with_the_epochs_unless_given():
     assert Config(epochs=2).milestones == (1, 2)
 
 
-def test_model_from_config_takes_every_given_setting_even_zero():
-    model = model_from_config({"model": "hamiltonian-74", "units": [2, 2, 2], "h": 0.0}, 10, 3)
-    assert {block.h for unit in model.units for block in unit.blocks} == {0.0}
+def test_model_overrides_take_every_given_model_setting_as_the_model_takes_it():
+    given = dict(model="hamiltonian-74", units=[2, 2, 2], h=0.5, norm="none", segment="3", exact=False, lr=0.1)
+    assert model_overrides(given) == dict(units=(2, 2, 2), h=0.5, norm=None, segment=3)
+    assert model_overrides(dict(segment="auto", mlp="symmetric", dropout=0.0)) == dict(
+        segment="auto", mlp="symmetric", dropout=0.0)  # dropout 0 was given: kept
 
 
 def test_a_resized_model_is_named_after_its_overrides(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from revnets import data
+from revnets.training import data
 
 SHARED_CIFAR10 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpg.tar.xz"
 

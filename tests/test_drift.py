@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 import revnets.engine as engine
-from revnets import AdditiveCoupling, HamiltonianBlock, build_model, invert, reversible, sequential
-from revnets.drift import DriftMonitor, reversal_error
+from revnets import DriftMonitor, HamiltonianBlock, build_model, invert, reversal_error, reversible, sequential
+
+from helpers import chain_grads, relative_error, unstable_chain
 
 SMALL = dict(units=(3, 3), channels=(8, 16))
 
@@ -87,36 +88,14 @@ def test_monitor_rejects_bad_settings(every, threshold):
 
 # Segment storage (revnets.engine: reversible(..., segment=k), segment_error, choose_segment)
 
-def _chain_grads(run, blocks, a, b):
-    a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
-    for blk in blocks:
-        blk.zero_grad()
-    x, y = run(blocks, a, b)
-    ((x * x).sum() + y.sin().sum()).backward()
-    return torch.cat([g.flatten() for g in [a.grad, b.grad] + [p.grad for blk in blocks for p in blk.parameters()]])
-
-
-def _unstable(n, scale=3.0, seed=0):
-    """RevNet-style couplings with unconstrained dense residual functions and large weights: the
-    forward stays bounded, the inverse amplifies rounding exponentially."""
-    torch.manual_seed(seed)
-    def f():
-        return nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
-    blocks = nn.ModuleList(AdditiveCoupling(f(), f()) for _ in range(n))
-    for m in blocks.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=scale / 4)
-    return blocks, torch.randn(4, 16), torch.randn(4, 16)
-
-
 @pytest.mark.parametrize("segment", [1, 3, 7, 20, None])
 def test_segment_storage_gradients_equal_plain_autograd_in_float64(segment):
     torch.manual_seed(0)
     blocks = nn.ModuleList(HamiltonianBlock(8, h=0.3) for _ in range(20)).double()
     a, b = torch.randn(2, 4, 5, 5, dtype=torch.float64), torch.randn(2, 4, 5, 5, dtype=torch.float64)
-    g = _chain_grads(lambda *s: reversible(*s, segment=segment), blocks, a, b)
-    g_plain = _chain_grads(sequential, blocks, a, b)
-    assert ((g - g_plain).norm() / g_plain.norm()) < 1e-10
+    g = chain_grads(lambda *s: reversible(*s, segment=segment), blocks, a, b)[1]
+    g_plain = chain_grads(sequential, blocks, a, b)[1]
+    assert relative_error(g, g_plain) < 1e-10
 
 
 def _stored_bytes(blocks, a, b, segment):
@@ -144,21 +123,21 @@ def test_segment_memory_grows_as_n_over_k():
 
 
 def test_segments_bound_the_drift_of_an_unstable_unit():
-    blocks, a, b = _unstable(64)
+    blocks, a, b = unstable_chain(64)
     pure, seg = engine.segment_error(blocks, a, b), engine.segment_error(blocks, a, b, 4)
     assert pure > 0.1 and seg < 1e-4, (pure, seg)
-    g_plain = _chain_grads(sequential, blocks, a, b)
-    err = {k: ((_chain_grads(lambda *s: reversible(*s, segment=k), blocks, a, b) - g_plain).norm()
-               / g_plain.norm()).item() for k in (None, 4)}
+    g_plain = chain_grads(sequential, blocks, a, b)[1]
+    err = {k: relative_error(chain_grads(lambda *s: reversible(*s, segment=k), blocks, a, b)[1], g_plain)
+           for k in (None, 4)}
     assert not err[None] < 0.1 and err[4] < 1e-3, err  # NaN counts as unbounded
 
 
 def test_auto_picks_a_finite_segment_for_an_unstable_unit_and_pure_reversal_for_a_stable_one():
-    blocks, a, b = _unstable(64)
+    blocks, a, b = unstable_chain(64)
     choice = engine.choose_segment(blocks, a, b, tol=1e-4)
     assert choice.k is not None and choice.k < 64 and choice.error <= 1e-4
     assert engine.segment_error(blocks, a, b, 2 * choice.k) > 1e-4  # the largest power of two that passes
-    assert choice.stored_bytes == (-(-64 // choice.k) + 1) * (a.nbytes + b.nbytes)
+    assert choice.stored_bytes == _stored_bytes(blocks, a.clone(), b.clone(), choice.k)  # what the engine keeps
     torch.manual_seed(0)
     stable = nn.ModuleList(HamiltonianBlock(8) for _ in range(64))
     choice = engine.choose_segment(stable, torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6), tol=1e-4)
@@ -179,8 +158,11 @@ def test_auto_segment_in_a_network_measures_during_training_and_matches_plain_gr
     assert ((grads[0] - grads[1]).norm() / grads[1].norm()) < 1e-10
     for (name, u), v in zip(model.state_dict().items(), plain.state_dict().values()):
         assert torch.equal(u, v), name  # BatchNorm statistics updated once, as in plain autograd
-    choice = model.units[0].segment.choice
-    assert choice.k is None and choice.stored_bytes > 0 and model.units[0].segment.calls == 1
+    chain = model.units[0].blocks
+    choice = chain.segment.choice
+    a, b = model.units[0].chain_input(model.stem(x))
+    assert choice.k is None and chain.segment.calls == 1
+    assert choice.stored_bytes == _stored_bytes(chain, a.detach(), b.detach(), None)  # what the engine keeps
 
 
 @pytest.mark.parametrize("segment", [0, -2, 2.5, "all", True])

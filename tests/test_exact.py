@@ -2,18 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from revnets import AdditiveCoupling, HamiltonianBlock, build_model, exact, reversible, sequential
-from revnets.drift import reversal_error
+from revnets import HamiltonianBlock, build_model, exact, reversal_error, reversible, sequential
 
-
-def _grads(run, blocks, a, b):
-    a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
-    for blk in dict.fromkeys(blocks):
-        blk.zero_grad()
-    x, y = run(blocks, a, b)
-    ((x * x).sum() + y.sin().sum()).backward()
-    params = [p for blk in dict.fromkeys(blocks) for p in blk.parameters()]
-    return (x, y), torch.cat([t.flatten() for t in [a.grad, b.grad] + [p.grad for p in params]])
+from helpers import chain_grads, unstable_chain
 
 
 def test_10000_block_hamiltonian_unit_rebuilds_its_input_bit_for_bit_and_gets_plain_autograd_gradients():
@@ -21,34 +12,22 @@ def test_10000_block_hamiltonian_unit_rebuilds_its_input_bit_for_bit_and_gets_pl
     block = HamiltonianBlock(4, h=0.1).double()
     blocks = [block] * 10_000  # one set of weights, so the test stays fast
     a, b = torch.randn(1, 2, 4, 4, dtype=torch.float64), torch.randn(1, 2, 4, 4, dtype=torch.float64)
-    (x, y), g = _grads(exact.reversible, blocks, a, b)
-    (x_ref, y_ref), g_ref = _grads(exact.sequential, blocks, a, b)
+    (x, y), g = chain_grads(exact.reversible, blocks, a, b)
+    (x_ref, y_ref), g_ref = chain_grads(exact.sequential, blocks, a, b)
     assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
     assert ((g - g_ref).norm() / g_ref.norm()) < 1e-10
     rebuilt = exact.invert_int(blocks, exact.quantize(x), exact.quantize(y), torch.float64)
     assert torch.equal(rebuilt[0], exact.quantize(a)) and torch.equal(rebuilt[1], exact.quantize(b))
 
 
-def _unstable(n):
-    """RevNet-style dense couplings with large weights: float reversal amplifies rounding."""
-    torch.manual_seed(0)
-    def f():
-        return nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
-    blocks = nn.ModuleList(AdditiveCoupling(f(), f()) for _ in range(n))
-    for m in blocks.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.75)
-    return blocks, torch.randn(4, 16), torch.randn(4, 16)
-
-
 def test_exact_reversal_keeps_the_gradients_of_an_unstable_float32_chain():
-    blocks, a, b = _unstable(64)
-    (x, y), g = _grads(exact.reversible, blocks, a, b)
-    (x_ref, y_ref), g_ref = _grads(exact.sequential, blocks, a, b)
+    blocks, a, b = unstable_chain(64)
+    (x, y), g = chain_grads(exact.reversible, blocks, a, b)
+    (x_ref, y_ref), g_ref = chain_grads(exact.sequential, blocks, a, b)
     assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
     assert ((g - g_ref).norm() / g_ref.norm()) < 1e-5
-    _, g_float = _grads(reversible, blocks, a, b)
-    _, g_plain = _grads(sequential, blocks, a, b)
+    _, g_float = chain_grads(reversible, blocks, a, b)
+    _, g_plain = chain_grads(sequential, blocks, a, b)
     assert not ((g_float - g_plain).norm() / g_plain.norm()) < 0.1  # float reversal fails here (or NaN)
 
 
@@ -79,8 +58,8 @@ def test_bf16_autocast_recomputation_stays_exact():
     blocks = nn.ModuleList(HamiltonianBlock(8, h=0.2) for _ in range(30))
     a, b = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        (x, y), g = _grads(exact.reversible, blocks, a, b)
-        (x_ref, y_ref), g_ref = _grads(exact.sequential, blocks, a, b)
+        (x, y), g = chain_grads(exact.reversible, blocks, a, b)
+        (x_ref, y_ref), g_ref = chain_grads(exact.sequential, blocks, a, b)
     assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
     assert ((g - g_ref).norm() / g_ref.norm()) < 1e-5
 

@@ -7,11 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
+from pathlib import Path
+
 import revnets
-from revnets import checkpoint, data
+from revnets import checkpoint
 from revnets.cli import main
-from revnets.config import Config
-from revnets.train import train
+from revnets.training import Config, data, train
+
+DATA = Path(__file__).parent / "data"
 
 CLASSES = ["blue", "green", "red"]
 
@@ -57,19 +60,22 @@ def _reference(run_dir, x):
     """Logits of the checkpoint's bare network on x (N, 3, H, W) in [0, 1], standardised by hand in
     float64 with the training images' statistics."""
     mean, std = _training_stats(run_dir.parent / "images")
-    net, _ = checkpoint.load_model(run_dir / "best.pt")
+    net = revnets.load(run_dir / "best.pt").net
     with torch.no_grad():
         return net.double()(((x.double() - mean[:, None, None]) / std[:, None, None]))
 
 
-def test_checkpoint_holds_classes_input_size_and_standardisation(run):
+def test_checkpoint_holds_one_record_of_the_model_and_its_interface(run):
     run_dir, images, _ = run
-    meta = checkpoint.load(run_dir / "best.pt")["meta"]
+    ckpt = checkpoint.load(run_dir / "best.pt")
+    rec = ckpt["record"]
     mean, std = _training_stats(images)
-    assert meta["classes"] == CLASSES and meta["in_channels"] == 3 and tuple(meta["image_size"]) == (8, 8)
-    torch.testing.assert_close(meta["mean"].double(), mean, rtol=0, atol=1e-6)
-    torch.testing.assert_close(meta["std"].double(), std, rtol=0, atol=1e-6)
-    assert meta["network"]["model"] == "hamiltonian-74" and tuple(meta["network"]["units"]) == (1, 1, 1)
+    assert rec["kind"] == "image" and rec["classes"] == CLASSES and rec["in_channels"] == 3
+    assert tuple(rec["image_size"]) == (8, 8) and "meta" not in ckpt
+    torch.testing.assert_close(rec["mean"].double(), mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(rec["std"].double(), std, rtol=0, atol=1e-6)
+    assert rec["model"] == "hamiltonian-74" and rec["overrides"] == dict(units=(1, 1, 1), channels=(8, 8, 8))
+    assert rec["grown"] == 0 and rec["memory_efficient"]
 
 
 def test_load_gives_an_eval_model_of_unit_range_images(run):
@@ -153,21 +159,41 @@ def test_eval_needs_no_dataset_flags_and_reads_no_training_split(run, capsys, mo
     assert accuracy == pytest.approx(100 * summary["final_acc"], abs=0.005)  # printed to 2 decimals
 
 
-def test_checkpoint_without_meta_still_loads_with_a_note(run, tmp_path, capsys):
+def test_checkpoint_without_standardisation_is_recomputed_by_eval_and_predict(run, tmp_path, capsys):
+    """Checkpoints saved before 2026-12-01 stored no standardisation: `revnets eval` and `revnets
+    predict` recompute it from the run's training split, with a note; `revnets.load` says so."""
     run_dir, images, summary = run
     old = checkpoint.load(run_dir / "last.pt")
-    del old["meta"]
+    del old["record"]
     checkpoint.save(tmp_path / "old.pt", old)
-    model = revnets.load(tmp_path / "old.pt")
-    note = capsys.readouterr().err
-    assert note.count("\n") == 1 and "old.pt" in note and "recomputed" in note
-    x = _pixels(sorted((images / "test").rglob("*.png"))).float()
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), revnets.load(run_dir / "last.pt")(x), rtol=0, atol=1e-5)
-    assert model.classes == CLASSES
+    with pytest.raises(ValueError, match="old.pt stores no standardisation .* `revnets eval`"):
+        revnets.load(tmp_path / "old.pt")
     assert main(["eval", "--checkpoint", str(tmp_path / "old.pt")]) == 0
-    accuracy = float(capsys.readouterr().out.split("accuracy ")[1].rstrip("%\n"))
+    out, err = capsys.readouterr()
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "old.pt" in notes[0] and "recomputed" in notes[0]
+    accuracy = float(out.split("accuracy ")[1].rstrip("%\n"))
     assert accuracy == pytest.approx(100 * summary["final_acc"], abs=0.005)  # printed to 2 decimals
+    file = images / "test" / "red" / "0.png"
+    assert main(["predict", "--checkpoint", str(tmp_path / "old.pt"), str(file)]) == 0
+    with torch.no_grad():
+        p = revnets.load(run_dir / "last.pt")(_pixels([file]).float()).softmax(1)[0]
+    assert float(capsys.readouterr().out.split("\t")[2]) == pytest.approx(p.max().item(), abs=1e-4)
+
+
+def test_checkpoints_written_by_the_previous_version_load_and_compute_what_it_computed():
+    """tests/data holds best.pt files written by revnets at 3d4780f (2026-12-01): an image run
+    (``meta``) and a text run (``vocab``, its optimiser state removed to keep the file small), and
+    the outputs that version computed with them."""
+    want = torch.load(DATA / "outputs-2026-12-01.pt", weights_only=True)
+    image = revnets.load(DATA / "digits-2026-12-01.pt")
+    assert isinstance(image, revnets.Classifier) and image.classes == [str(d) for d in range(10)]
+    assert {b.h for unit in image.net.units for b in unit} == {0.05}  # the run's --h
+    text = revnets.load(DATA / "text-2026-12-01.pt")
+    assert isinstance(text, revnets.LanguageModel) and text.vocab.decode(want["tokens"][0]) == "In the beginning"
+    with torch.no_grad():
+        torch.testing.assert_close(image(want["images"]), want["image_logits"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(text(want["tokens"]), want["token_logits"], rtol=0, atol=1e-6)
 
 
 def test_torch_export_of_a_loaded_model_includes_the_standardisation(run):

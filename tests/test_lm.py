@@ -1,74 +1,62 @@
-"""`revnets train --dataset text` and `revnets generate`: runs, resume, guards, sampling, bad input."""
+"""Text runs and `revnets generate`: what only language models have (what every run does is in
+test_run.py): bad text refused, the symmetric MLP kept, sampling, the context checked against the text."""
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from revnets import checkpoint, lm
+import revnets
+from revnets import checkpoint
 from revnets.cli import main
-from revnets.transformer import SymmetricMLP
+from revnets.layers import SymmetricMLP
 
 TINY = str(Path(__file__).parent / "data" / "tiny.txt")
+TEXT = b"some text here " * 4
 FLAGS = ["train", "--dataset", "text", "--data-dir", TINY, "--model", "leapfrog-lm-tiny", "--context", "16",
          "--batch-size", "4", "--steps-per-epoch", "3", "--epochs", "2"]
+
+
+def _exit_code(argv):
+    """`revnets ARGV`'s exit code, from a usage error (argparse exits) or from a refused setting."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
 
 
 def test_train_writes_a_run_with_bits_per_char(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(FLAGS + ["--out", str(out)]) == 0
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert rows[0].split(",")[:4] == ["epoch", "step", "train_loss", "val_bpc"] and len(rows) == 3
+    assert rows[0].split(",")[:5] == ["epoch", "step", "train_loss", "train_acc", "val_bpc"] and len(rows) == 3
     summary = json.loads((out / "summary.json").read_text())
-    assert 0 < summary["best_bpc"] < 8 and summary["epochs"] == 2
+    assert summary["best_bpc"] == min(float(r.split(",")[4]) for r in rows[1:]) and summary["epochs"] == 2
     assert json.loads((out / "config.json").read_text())["model"] == "leapfrog-lm-tiny"
     assert "bits/char" in capsys.readouterr().out
-
-
-def test_resume_is_bitwise_on_cpu(tmp_path):
-    config = lm.config_from_args(__import__("argparse").Namespace(
-        dataset="text", data_dir=TINY, model="hamiltonian-lm-tiny", context=16, batch_size=4, steps_per_epoch=3,
-        epochs=3, out=str(tmp_path / "whole")))
-    lm.train(config)
-
-    def kill(row):
-        if row["epoch"] == 1:
-            raise KeyboardInterrupt
-    cut = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
-        lm.train(lm.LMConfig(**{**config.__dict__, "out": str(cut)}), on_epoch=kill)
-    assert main(["train", "--dataset", "text", "--resume", str(cut)]) == 0
-    whole, resumed = (checkpoint.load(d / "last.pt") for d in (tmp_path / "whole", cut))
-    assert resumed["epoch"] == 3
-    assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
-    assert (tmp_path / "whole" / "metrics.csv").read_text().splitlines()[1:] and \
-        [r.split(",")[:4] for r in (tmp_path / "whole" / "metrics.csv").read_text().splitlines()] == \
-        [r.split(",")[:4] for r in (cut / "metrics.csv").read_text().splitlines()]
-
-
-def test_non_finite_loss_stops_before_writing_the_epoch(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(FLAGS + ["--lr", "1e20", "--out", str(out)]) == 3
-    err = capsys.readouterr().err
-    assert "stopped: non-finite" in err and "(epoch 1); nothing was written" in err
-    assert not (out / "last.pt").exists()
 
 
 @pytest.mark.parametrize("content, flags, match", [
     (b"", [], "is empty"),
     (b"ab\xc3(", [], "is not UTF-8 text"),
-    (b"some text here", ["--units", "2"], "--dataset text does not use --units"),
-    (b"some text here", ["--model", "leapfrog-lm-huge"], "unknown language model"),
-    (b"some text here", ["--mlp", "gated"], "unknown --mlp 'gated'; expected one of standard, symmetric"),
+    (TEXT, ["--units", "2"], "--units: not a setting of text runs"),
+    (TEXT, ["--model", "leapfrog-lm-huge"], "unknown model 'leapfrog-lm-huge'"),
+    (TEXT, ["--model", "hamiltonian-74"], "hamiltonian-74 is an image model; --dataset text trains"),
+    (TEXT, ["--mlp", "gated"], "argument --mlp: invalid choice: 'gated'"),
+    (TEXT, ["--context", "100"], "--context 100 is longer than the held-out text"),
+    (TEXT, ["--lr", "inf"], "--lr must be finite and > 0; got inf"),
+    (TEXT, ["--h", "inf"], r"h \(the step size\) must be a finite number > 0; got inf"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, content, flags, match):
     (tmp_path / "t.txt").write_bytes(content)
     out = tmp_path / "run"
-    args = ["train", "--dataset", "text", "--data-dir", str(tmp_path / "t.txt"), "--out", str(out), *flags]
-    assert main(args) == 2
+    args = ["train", "--dataset", "text", "--data-dir", str(tmp_path / "t.txt"), "--model", "leapfrog-lm-tiny",
+            "--context", "4", "--out", str(out), *flags]
+    assert _exit_code(args) == 2
     err = capsys.readouterr().err
-    assert match in err and len(err.strip().splitlines()) == 1
-    assert not out.exists()
+    assert re.search(match, err), err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 @pytest.fixture(scope="module")
@@ -88,17 +76,34 @@ def test_generate_deterministic_under_a_seed(trained, capsys):
     assert run("--top-k", "1") == run("--temperature", "0")
 
 
+def test_load_gives_the_language_model_that_generate_uses(trained, capsys):
+    model = revnets.load(trained)
+    assert isinstance(model, revnets.LanguageModel) and not model.training and model.context == 16
+    text = model.generate("And God", 30, temperature=0)
+    assert main(["generate", "--checkpoint", str(trained), "--prompt", "And God", "--tokens", "30",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == text + "\n"
+    with torch.no_grad():
+        ids = model.vocab.encode(text)[None]
+        assert model(ids[:, -17:-1])[0, -1].argmax() == ids[0, -1]  # greedy: the last token is the argmax
+
+
 def test_symmetric_mlp_run_and_its_checkpoint_load_with_that_mlp(tmp_path):
     out = tmp_path / "run"
     assert main(FLAGS + ["--epochs", "1", "--mlp", "symmetric", "--out", str(out)]) == 0
-    model, _ = lm.load_lm(out / "best.pt")
-    assert all(isinstance(b.mlp, SymmetricMLP) for b in model.blocks)
-    assert main(["train", "--dataset", "text", "--resume", str(out), "--mlp", "standard"]) == 2  # not that run's
+    model = revnets.load(out / "best.pt")
+    assert all(isinstance(b.mlp, SymmetricMLP) for b in model.net.blocks)
+    assert main(["train", "--resume", str(out), "--mlp", "standard"]) == 2  # not that run's
 
 
-def test_generate_rejects_unknown_characters_and_foreign_checkpoints(trained, tmp_path, capsys):
+def test_generate_rejects_unknown_characters_bad_settings_and_image_checkpoints(trained, tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(trained), "--prompt", "€", "--tokens", "3"]) == 2
     assert "not in the vocabulary" in capsys.readouterr().err
+    for flags, match in ((["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+                         (["--device", "foo"], "device 'foo' is not usable here")):
+        assert main(["generate", "--checkpoint", str(trained), "--prompt", "a", *flags]) == 2
+        assert match in capsys.readouterr().err
     checkpoint.save(tmp_path / "image.pt", dict(model={}, config={"model": "hamiltonian-74"}, epoch=1))
     assert main(["generate", "--checkpoint", str(tmp_path / "image.pt"), "--prompt", "a"]) == 2
-    assert "not a checkpoint of a text run" in capsys.readouterr().err
+    assert "holds an image classifier, not a language model: classify images with revnets predict" in \
+        capsys.readouterr().err

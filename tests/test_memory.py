@@ -4,7 +4,7 @@ import torch
 
 from revnets import ReversibleStack, build_model, memory
 
-from measure import peak_bytes, saved_bytes
+from helpers import peak_bytes, saved_bytes
 
 
 @pytest.mark.parametrize("name", ["hamiltonian-74", "midpoint-26", "leapfrog-26", "revnet-38"])

@@ -2,8 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from revnets import build_model
-from revnets.drift import reversal_error
+from revnets import build_model, reversal_error
 from revnets.multilevel import grow
 
 KW = dict(units=(4, 3), channels=(8, 16))
@@ -71,6 +70,7 @@ def test_grown_auto_segment_network_measures_its_new_chain():
     model = build_model("hamiltonian-74", segment="auto", **KW)
     model(torch.randn(2, 3, 8, 8)).sum().backward()
     big = grow(model)
-    assert big.units[0].segment.choice is None and model.units[0].segment.choice is not None
+    assert big.units[0].blocks.segment.choice is None and model.units[0].blocks.segment.choice is not None
     big(torch.randn(2, 3, 8, 8)).sum().backward()
-    assert big.units[0].segment.choice.stored_bytes > 0
+    grown, first = big.units[0].blocks.segment.choice, model.units[0].blocks.segment.choice
+    assert grown.k is first.k is None and grown.stored_bytes == first.stored_bytes  # the same two states kept

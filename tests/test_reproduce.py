@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from revnets import reproduce, train
-from revnets.config import parse_config
-from revnets.cli import main
+from revnets.cli import main, reproduce
+from revnets.cli.train import parse_config
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +55,7 @@ def test_second_invocation_skips_finished_runs(folder, tmp_path, monkeypatch):
 
     def no_training(config):
         raise AssertionError("a finished run was trained again")
-    monkeypatch.setattr(train, "train", no_training)
+    monkeypatch.setattr(reproduce, "train", no_training)
     assert reproduce_cli("subsampling", tmp_path, folder) == 0
     assert [p.stat().st_mtime_ns for p in summaries] == mtimes
 
@@ -72,12 +71,12 @@ def test_interrupted_run_is_resumed_from_last_checkpoint(folder, tmp_path, monke
     run = reproduce.grid("subsampling", "tiny", {})[0]
     finished = json.loads((tmp_path / run.name / "summary.json").read_text())
     (tmp_path / run.name / "summary.json").unlink()  # killed after its last checkpoint
-    trained, real_train = [], train.train
+    trained, real_train = [], reproduce.train
 
     def recording(config):
         trained.append(config)
         return real_train(config)
-    monkeypatch.setattr(train, "train", recording)
+    monkeypatch.setattr(reproduce, "train", recording)
     assert reproduce_cli("subsampling", tmp_path, folder) == 0
     assert len(trained) == 1 and Path(trained[0].resume) == tmp_path / run.name
     resumed = json.loads((tmp_path / run.name / "summary.json").read_text())

@@ -11,7 +11,7 @@ from revnets import ReversibleStack, analysis, engine, grow
 from revnets.blocks import DIMS, ReversibleBlock
 from revnets.schemes import SCHEMES, get_scheme, register_scheme
 
-from measure import saved_bytes
+from helpers import saved_bytes
 
 CASES = [(name, dim) for name, s in SCHEMES.items() if s.reversible for dim in DIMS]
 SPATIAL = {0: (), 1: (5,), 2: (3, 4), 3: (3, 3, 3)}

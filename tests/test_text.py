@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from revnets.text import Vocabulary, batch, bits_per_char, load_text, read_text
+from revnets.inference import Vocabulary
+from revnets.training.text import batch, bits_per_char, load_text, read_text
 
 TINY = Path(__file__).parent / "data" / "tiny.txt"
 

@@ -8,16 +8,14 @@ import torch
 from PIL import Image
 
 import revnets
-from revnets import checkpoint, data, plot
-from revnets.cli import main
-from revnets.config import Config
+from revnets import checkpoint
+from revnets.cli import main, plot
+from revnets.cli.models import count_parameters, model_table
+from revnets.cli.plot import plot_runs, read_metrics
 from revnets.files import save_png
-from revnets.inference import training_stats
-from revnets.loop import evaluate
-from revnets.networks import MODELS, PAPER_PARAMS
-from revnets.plot import plot_runs, read_metrics
-from revnets.train import train
-from revnets.zoo import count_parameters, model_table
+from revnets.models import MODELS, PAPER_PARAMS
+from revnets.training import Config, data, train
+from revnets.training.step import evaluate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "images_per_s",
@@ -33,9 +31,13 @@ def test_model_table_counts_equal_built_models(num_classes):
     for row in rows:
         if row["params"] > 1e6:  # the table counts on the meta device; building the deep ones for real is slow
             continue
-        model = revnets.build_model(row["name"], num_classes=num_classes)
+        image = row["kind"] == "image"
+        model = revnets.build_model(row["name"], **{"num_classes" if image else "vocab_size": num_classes})
         assert row["params"] == sum(p.numel() for p in model.parameters())
-        assert (row["units"], row["channels"]) == (model.units_spec, model.channels)
+        if image:
+            assert row["layout"] == f"{'-'.join(map(str, model.units_spec))} / {'-'.join(map(str, model.channels))}"
+        else:
+            assert row["layout"].startswith(f"{model.tok.embedding_dim} x {len(model.blocks)}")
 
 
 def test_model_table_gives_paper_counts_for_paper_heads():
@@ -49,7 +51,7 @@ def test_models_command_prints_aligned_table(capsys):
     assert main(["models", "--num-classes", "10"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 + len(MODELS)
-    column = lines[0].index("params (10 cl.)")
+    column = lines[0].index("params (10 out)")
     assert all(line[column - 2:column] == "  " for line in lines)  # every row's column starts at the same place
     assert "hamiltonian-74" in lines[2 + list(MODELS).index("hamiltonian-74")]
 
@@ -59,7 +61,7 @@ def test_a_registered_model_without_a_paper_count_shows_a_dash(capsys):
     assert main(["models"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("user-tanh-6 "))
     ours = [f"{count_parameters('user-tanh-6', k) / 1e6:.2f}M" for k in (10, 100)]
-    assert row.split()[1:] == ["user-tanh", "2-2-2", "8-16-16", ours[0], "-", ours[1], "-"]
+    assert row.split()[1:] == ["image", "user-tanh", "2-2-2", "/", "8-16-16", ours[0], "-", ours[1], "-"]
     assert {r["name"]: r["paper_params"] for r in model_table(10)}["user-tanh-6"] is None
 
 
@@ -177,11 +179,12 @@ def _held_out(ds, seed):
 
 def test_evaluate_equals_direct_computation(digits_run):
     path, summary, ds = digits_run
-    model, config = checkpoint.load_model(path)
+    model = revnets.load(path).net
     subset = data.stratified_subset(ds.train_y[~_held_out(ds, 3)], 0.5, 3)  # validation held out first
     train_x = ds.train_x[~_held_out(ds, 3)][subset]
-    assert torch.equal(torch.stack(training_stats(ds, config)), torch.stack(data.channel_stats(train_x)))
-    mean, std = training_stats(ds, config)
+    rec = checkpoint.load(path)["record"]  # the run stored the statistics of its own training images
+    assert torch.equal(torch.stack([rec["mean"], rec["std"]]), torch.stack(data.channel_stats(train_x)))
+    mean, std = rec["mean"], rec["std"]
     result = evaluate(model, data.Loader(ds.test_x, ds.test_y, 64, mean=mean, std=std, device="cpu", train=False))
     logits = _direct(model, ds, train_x)
     assert result["images"] == len(ds.test_y) == 360
@@ -201,13 +204,17 @@ def test_eval_command_prints_the_runs_accuracy(digits_run, capsys):
     assert "evaluating" in captured.err  # a bar on a terminal, one line in a log
 
 
-def test_evaluate_bf16_autocast_runs_on_cpu(digits_run):
+def test_evaluate_bf16_autocast_agrees_with_a_float64_reference(digits_run):
     path, _, ds = digits_run
-    model, _ = checkpoint.load_model(path)
+    model = revnets.load(path).net
     mean, std = data.channel_stats(ds.train_x)
     loader = data.Loader(ds.test_x[:50], ds.test_y[:50], 25, mean=mean, std=std, device="cpu", train=False)
     result = evaluate(model, loader, "bf16")
-    assert result["images"] == 50 and 0 <= result["acc"] <= 1 and result["loss"] > 0
+    with torch.no_grad():
+        logits = model.double()(torch.cat([x for x, _ in loader]).double())
+    assert result["images"] == 50
+    assert result["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, ds.test_y[:50]).item(), rel=0.05)
+    assert result["acc"] == pytest.approx((logits.argmax(1) == ds.test_y[:50]).double().mean().item(), abs=3 / 50)
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -1,4 +1,5 @@
-"""`revnets train`: the run directory, kill-and-resume, clear refusals, the recipe's defaults."""
+"""`revnets train` on images: the recipe's defaults, validation, schedules that grow, runs started from
+weights, clear refusals (what every run does, image or text, is in test_run.py)."""
 import csv
 import json
 import re
@@ -6,9 +7,14 @@ import re
 import pytest
 import torch
 
-from revnets import checkpoint, cli, data, progress, rundir, train
-from revnets.config import Config, model_from_config, parse_config
+from revnets import checkpoint, cli, inference
+from revnets.cli.train import parse_config
 from revnets.engine import AutoSegment
+from revnets.training import Config, Run, train
+from revnets.training import data, progress
+from revnets.training.rundir import RUN_FILES
+from revnets.training.step import evaluate
+from revnets.training.tasks import ImageTask
 
 TINY = ["--model", "hamiltonian-74", "--units", "1", "1", "1", "--channels", "8", "16", "32",
         "--batch-size", "200"]
@@ -16,7 +22,18 @@ TINY = ["--model", "hamiltonian-74", "--units", "1", "1", "1", "--channels", "8"
 
 def _run(tmp_path, *flags, on_epoch=None):
     config = parse_config([*TINY, "--out", str(tmp_path), *flags])
-    return train.train(config, on_epoch=on_epoch)
+    return train(config, on_epoch=on_epoch)
+
+
+def _accuracy(path, split="test", amp="off"):
+    """Accuracy of a digits checkpoint's network on a split, standardised with its record's statistics
+    and evaluated as a run evaluates (the same loader, batches and autocast)."""
+    ckpt = checkpoint.load(path)
+    rec = inference.record_of(ckpt, path)
+    ds = data.subsample(data.load_dataset("digits"), 1.0, ckpt["config"]["seed"], ckpt["config"]["val_fraction"])
+    x, y = (ds.val_x, ds.val_y) if split == "val" else (ds.test_x, ds.test_y)
+    loader = data.Loader(x, y, 200, mean=rec["mean"], std=rec["std"], device="cpu", train=False)
+    return evaluate(inference.from_checkpoint(ckpt, path).net, loader, amp)["acc"]
 
 
 def _exit_code(argv):
@@ -35,13 +52,13 @@ def _metrics(run_dir):
 def test_two_epoch_digits_run_writes_every_file(tmp_path, capsys):
     run = tmp_path / "run"
     summary = _run(run, "--epochs", "2", "--schedule", "cosine", "--lr", "0.2")
-    assert sorted(p.name for p in run.iterdir()) == sorted(rundir.RUN_FILES)
+    assert sorted(p.name for p in run.iterdir()) == sorted(RUN_FILES)
     config = json.loads((run / "config.json").read_text())
     assert config["epochs"] == 2 and config["units"] == [1, 1, 1] and config["weight_decay"] == 2e-4
     assert config["versions"]["torch"] == torch.__version__ and "revnets" in config["versions"]
     rows = _metrics(run)
-    assert [r["epoch"] for r in rows] == ["1", "2"] and tuple(rows[0]) == progress.FIELDS
-    assert all(float(r[k]) > 0 for r in rows for k in progress.FIELDS)
+    assert [r["epoch"] for r in rows] == ["1", "2"] and tuple(rows[0]) == ImageTask.fields
+    assert all(float(r[k]) > 0 for r in rows for k in ImageTask.fields)
     assert json.loads((run / "summary.json").read_text()) == summary
     assert summary["final_acc"] == float(rows[-1]["test_acc"]) and summary["best_on"] == "validation"
     best = rows[summary["best_epoch"] - 1]
@@ -49,79 +66,17 @@ def test_two_epoch_digits_run_writes_every_file(tmp_path, capsys):
     assert summary["best_test_acc"] == float(best["test_acc"])
     assert summary["params"] > 0 and summary["wall_s"] > 0 and summary["peak_mb"] > 0
     # best.pt holds the weights that scored best on the validation images, held out of training
-    model, _ = checkpoint.load_model(run / "best.pt")
     ds = data.subsample(data.load_dataset("digits"), 1.0, 0, 0.1)
     assert (len(ds.train_y), len(ds.val_y)) == (1293, 144)
-    mean, std = data.channel_stats(ds.train_x)
-    for x, y, key in ((ds.val_x, ds.val_y, "best_val_acc"), (ds.test_x, ds.test_y, "best_test_acc")):
-        with torch.no_grad():
-            correct = sum((model(a).argmax(1) == b).sum().item() for a, b in
-                          data.Loader(x, y, 100, mean=mean, std=std, device="cpu", train=False))
-        assert correct / len(y) == pytest.approx(summary[key])
+    torch.testing.assert_close(inference.record_of(checkpoint.load(run / "best.pt"), run)["mean"],
+                               data.channel_stats(ds.train_x)[0])  # the training images' statistics
+    assert _accuracy(run / "best.pt", "val") == pytest.approx(summary["best_val_acc"], abs=1e-12)
+    assert _accuracy(run / "best.pt") == pytest.approx(summary["best_test_acc"], abs=1e-12)
     out = capsys.readouterr().out.splitlines()  # not a TTY: no bar, one line per epoch
     assert out[0].startswith("revnets train:") and str(run) in out[0]
     assert "hamiltonian-74 (units 1-1-1, channels 8-16-32)" in out[0] and "144 validation" in out[0]
     assert re.search(r"\d s \(ETA \d+ s\)  process peak RSS [\d,]+ MB", out[1]), out[1]
     assert [line.split()[1] for line in out[1:3]] == ["1/2", "2/2"] and f"results in {run}/" in out[-1]
-
-
-class Killed(Exception):
-    pass
-
-
-def _kill_after(epoch):
-    def on_epoch(row):
-        if row["epoch"] == epoch:
-            raise Killed
-    return on_epoch
-
-
-@pytest.mark.parametrize("schedule", ["onecycle", "step"])
-def test_killed_run_resumes_to_the_uninterrupted_result_bitwise(tmp_path, schedule):
-    flags = ["--epochs", "3", "--schedule", schedule, "--milestones", "2", "--seed", "3"]
-    whole = _run(tmp_path / "whole", *flags)
-    with pytest.raises(Killed):
-        _run(tmp_path / "killed", *flags, on_epoch=_kill_after(1))
-    assert len(_metrics(tmp_path / "killed")) == 1 and not (tmp_path / "killed" / "summary.json").exists()
-    restored = train.Run(parse_config(["--resume", str(tmp_path / "killed")]))
-    first = _metrics(tmp_path / "killed")[0]
-    assert (restored.start, restored.best_acc, restored.best_epoch) == (1, float(first["val_acc"]), 1)
-    with open(tmp_path / "killed" / "metrics.csv", "a") as f:  # killed after epoch 2's row, before its checkpoint
-        f.write("2" + ",9" * (len(progress.FIELDS) - 1) + "\n")
-    resumed = train.train(parse_config(["--resume", str(tmp_path / "killed")]))
-    a, b = checkpoint.load(tmp_path / "whole" / "last.pt"), checkpoint.load(tmp_path / "killed" / "last.pt")
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
-        assert [r[key] for r in _metrics(tmp_path / "whole")] == [r[key] for r in _metrics(tmp_path / "killed")]
-    assert resumed["final_acc"] == whole["final_acc"] and resumed["best_test_acc"] == whole["best_test_acc"]
-
-
-def test_resume_with_the_same_flags_continues_and_other_flags_are_refused(tmp_path):
-    run = tmp_path / "run"
-    with pytest.raises(Killed):
-        _run(run, "--epochs", "2", on_epoch=_kill_after(1))
-    with pytest.raises(ValueError, match=r"different settings: lr=0.1"):
-        parse_config([*TINY, "--lr", "0.5", "--resume", str(run)])
-    with pytest.raises(ValueError, match="already holds a run"):
-        _run(run, "--epochs", "2")
-    config = parse_config([*TINY, "--epochs", "2", "--out", str(run), "--resume", str(run)])
-    assert train.train(config)["epochs"] == 2 and len(_metrics(run)) == 2
-
-
-def test_corrupt_or_mismatched_checkpoint_is_refused_on_resume(tmp_path):
-    run = tmp_path / "run"
-    with pytest.raises(Killed):
-        _run(run, "--epochs", "2", on_epoch=_kill_after(1))
-    good = (run / "last.pt").read_bytes()
-    (run / "last.pt").write_bytes(good[:1000])
-    with pytest.raises(ValueError, match="last.pt is not a readable checkpoint"):
-        train.train(parse_config(["--resume", str(run)]))
-    (run / "last.pt").write_bytes(good)
-    config = json.loads((run / "config.json").read_text())
-    (run / "config.json").write_text(json.dumps({**config, "lr": 0.5}))
-    with pytest.raises(ValueError, match=r"last.pt was saved by a run with other settings: lr=0.1 \(now 0.5\)"):
-        train.train(parse_config(["--resume", str(run)]))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -159,7 +114,7 @@ def test_step_schedule_divides_by_ten_at_the_milestones(tmp_path):
 @pytest.mark.parametrize("flags", [["--amp", "bf16", "--channels-last"], ["--amp", "fp16", "--plain"]])
 def test_mixed_precision_and_channels_last_run_on_cpu(tmp_path, flags):
     summary = _run(tmp_path, "--epochs", "1", "--train-fraction", "0.3", *flags)
-    assert 0 <= summary["final_acc"] <= 1 and summary["final_loss"] == summary["final_loss"]  # not NaN
+    assert summary["final_acc"] == pytest.approx(_accuracy(tmp_path / "last.pt", amp=flags[1]), abs=1e-12)
 
 
 def test_train_fraction_trains_on_the_stratified_subset(tmp_path, capsys):
@@ -177,30 +132,10 @@ def test_metrics_csv_keeps_rows_up_to_an_epoch_and_tensorboard_is_optional(tmp_p
         assert progress.tensorboard_writer(tmp_path) is None
 
 
-@pytest.mark.parametrize("kill_after", [1, 2])
-def test_growth_doubles_the_blocks_and_a_resumed_run_grows_before_loading(tmp_path, kill_after):
-    flags = ["--units", "2", "2", "2", "--epochs", "3", "--grow-at", "1", "--drift-every", "3"]
-    whole = _run(tmp_path / "whole", *flags)
-    with pytest.raises(Killed):
-        _run(tmp_path / "killed", *flags, on_epoch=_kill_after(kill_after))
-    train.train(parse_config(["--resume", str(tmp_path / "killed")]))
-    model, config = checkpoint.load_model(tmp_path / "killed" / "last.pt")
-    assert [len(unit.blocks) for unit in model.units] == [2, 2, 2]  # 1 block each, split in two
-    assert {block.h for unit in model.units for block in unit.blocks} == {0.05}
-    a, b = checkpoint.load(tmp_path / "whole" / "last.pt"), checkpoint.load(tmp_path / "killed" / "last.pt")
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    rows = _metrics(tmp_path / "whole")
-    assert whole["params"] > sum(p.numel() for p in model_from_config(config, 10, 1).parameters())
-    drift = [float(r["drift_max"]) for r in rows]
-    assert all(0 <= d < 1e-4 for d in drift)  # float32 Hamiltonian reversal on digits: tiny, measured each epoch
-    assert [r["test_acc"] for r in rows] == [r["test_acc"] for r in _metrics(tmp_path / "killed")]
-
-
 @pytest.mark.parametrize("enabled", [True, False])
 def test_epoch_bar_shows_loss_accuracy_and_throughput_only_when_enabled(enabled, capsys):
     calls = []
-    bar = progress.EpochBar(30, 1, 2, enabled=enabled, every=10)
+    bar = progress.EpochBar(30, 1, 2, "images", enabled=enabled, every=10)
     for _ in range(30):
         bar.step(lambda: calls.append(1) or (0.5, 0.25, 1234.0))
     shown = getattr(bar.bar, "postfix", None)  # tqdm draws it next to the ETA
@@ -211,46 +146,22 @@ def test_epoch_bar_shows_loss_accuracy_and_throughput_only_when_enabled(enabled,
 
 
 @pytest.mark.parametrize("flags, check", [
-    (["--norm", "none"], lambda unit: not any(isinstance(m, torch.nn.BatchNorm2d) for m in unit.blocks.modules())),
-    (["--segment", "2"], lambda unit: unit.segment == 2),
-    (["--segment", "auto"], lambda unit: isinstance(unit.segment, AutoSegment)),
-    (["--exact"], lambda unit: unit.exact),
+    (["--norm", "none"], lambda chain: not any(isinstance(m, torch.nn.BatchNorm2d) for m in chain.modules())),
+    (["--segment", "2"], lambda chain: chain.segment == 2),
+    (["--segment", "auto"], lambda chain: isinstance(chain.segment, AutoSegment)),
+    (["--exact"], lambda chain: chain.exact),
+    (["--plain"], lambda chain: not chain.memory_efficient),
 ])
 def test_block_flags_reach_the_network_and_its_checkpoint(tmp_path, flags, check):
     _run(tmp_path / "run", "--epochs", "1", "--units", "3", "3", "3", *flags)
-    model, _ = checkpoint.load_model(tmp_path / "run" / "last.pt")
-    assert all(check(unit) for unit in model.units)
+    model = inference.load(tmp_path / "run" / "last.pt").net
+    assert all(check(unit.blocks) for unit in model.units)
 
 
 @pytest.mark.parametrize("flags", [["--segment", "0"], ["--segment", "many"], ["--norm", "layer"]])
 def test_bad_block_flags_end_with_one_line(tmp_path, capsys, flags):
     assert _exit_code(["train", *TINY, "--out", str(tmp_path / "run"), *flags]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
-
-
-# ---- faults stop the run; the files keep the last finite state ----------------------------------
-
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_finite_epoch(tmp_path, monkeypatch):
-    real, calls = train.train_step, []
-
-    def poisoned_in_epoch_2(model, opt, x, y, **kw):  # the real step; NaN batches after epoch 1 (6 steps)
-        calls.append(1)
-        return real(model, opt, x * float("nan") if len(calls) > 6 else x, y, **kw)
-    monkeypatch.setattr(train, "train_step", poisoned_in_epoch_2)
-    with pytest.raises(train.NonFiniteError, match=r"non-finite loss at epoch 2, step 1 of 6; .*last.pt holds epoch 1"):
-        _run(tmp_path, "--epochs", "3")
-    for name in ("last.pt", "best.pt"):
-        ckpt = checkpoint.load(tmp_path / name)
-        assert ckpt["epoch"] == 1 and checkpoint.count_nonfinite(ckpt["model"]) == 0
-    assert len(_metrics(tmp_path)) == 1 and not (tmp_path / "summary.json").exists()
-
-
-def test_a_diverging_learning_rate_exits_3_with_one_line(tmp_path, capsys):
-    assert cli.main(["train", *TINY, "--epochs", "2", "--lr", "1e6", "--out", str(tmp_path / "run")]) == 3
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and re.match(r"revnets train: stopped: non-finite (loss|gradient) at epoch 1, step \d", err)
-    assert "nothing was saved" in err and "--lr (now 1e+06) or --h" in err
-    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_eval_refuses_a_checkpoint_with_non_finite_weights(tmp_path, capsys):
@@ -280,7 +191,7 @@ def test_resume_with_more_epochs_continues_as_one_longer_run_bitwise(tmp_path):
     _run(tmp_path / "grown", *flags, "--epochs", "2")  # default milestones for 2 epochs: 1 and 2
     with pytest.raises(ValueError, match="different settings: lr=0.05"):
         parse_config(["--resume", str(tmp_path / "grown"), "--epochs", "3", "--lr", "0.1"])
-    grown = train.train(parse_config(["--resume", str(tmp_path / "grown"), "--epochs", "3"]))
+    grown = train(parse_config(["--resume", str(tmp_path / "grown"), "--epochs", "3"]))
     assert [r["lr"] for r in _metrics(tmp_path / "grown")] == [r["lr"] for r in _metrics(tmp_path / "long")]
     a, b = checkpoint.load(tmp_path / "long" / "last.pt"), checkpoint.load(tmp_path / "grown" / "last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -288,37 +199,22 @@ def test_resume_with_more_epochs_continues_as_one_longer_run_bitwise(tmp_path):
     config = json.loads((tmp_path / "grown" / "config.json").read_text())
     assert config["epochs"] == 3 and config["extended"] == [dict(after_epoch=2, epochs=2, milestones=[1, 2])]
     with pytest.raises(ValueError, match="already trained 3 epochs"):
-        train.train(parse_config(["--resume", str(tmp_path / "grown"), "--epochs", "2"]))
+        train(parse_config(["--resume", str(tmp_path / "grown"), "--epochs", "2"]))
 
 
 def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tmp_path):
     _run(tmp_path / "first", "--epochs", "1")
     weights = checkpoint.load(tmp_path / "first" / "last.pt")["model"]
-    run = train.Run(parse_config([*TINY, "--epochs", "1", "--out", str(tmp_path / "second"), "--init-from",
+    run = Run(parse_config([*TINY, "--epochs", "1", "--out", str(tmp_path / "second"), "--init-from",
                                   str(tmp_path / "first" / "last.pt")]))
     assert run.start == 0 and all(torch.equal(run.net.state_dict()[k], weights[k]) for k in weights)
     assert not (tmp_path / "second").exists()  # making a Run writes nothing
     with pytest.raises(ValueError, match="last.pt does not match the model"):
-        train.Run(parse_config([*TINY, "--channels", "8", "8", "8", "--out", str(tmp_path / "third"),
+        Run(parse_config([*TINY, "--channels", "8", "8", "8", "--out", str(tmp_path / "third"),
                                 "--init-from", str(tmp_path / "first" / "last.pt")]))
     run.fit()
     (tmp_path / "first" / "last.pt").unlink()  # a run started from weights resumes from its own
-    assert train.train(parse_config(["--resume", str(tmp_path / "second"), "--epochs", "2"]))["epochs"] == 2
-
-
-def test_weights_that_overflow_in_the_last_step_of_an_epoch_are_not_saved(tmp_path, monkeypatch):
-    real, calls = train.train_step, []
-
-    def overflowing(model, opt, x, y, **kw):  # the real step; then, at epoch 1's last step, an infinite weight
-        result = real(model, opt, x, y, **kw)
-        calls.append(1)
-        if len(calls) == 6:
-            opt.param_groups[0]["params"][0].data[0] = float("inf")
-        return result
-    monkeypatch.setattr(train, "train_step", overflowing)
-    with pytest.raises(train.NonFiniteError, match="non-finite weights after epoch 1; .*nothing was saved"):
-        _run(tmp_path, "--epochs", "2")
-    assert not (tmp_path / "last.pt").exists() and not (tmp_path / "best.pt").exists()
+    assert train(parse_config(["--resume", str(tmp_path / "second"), "--epochs", "2"]))["epochs"] == 2
 
 
 def test_long_steps_print_one_line_each_when_not_a_terminal(capsys):
@@ -331,18 +227,20 @@ def test_resume_may_move_the_decays_that_have_not_happened_yet(tmp_path):
     flags = ["--train-fraction", "0.2", "--val-fraction", "0"]
     _run(tmp_path / "whole", *flags, "--epochs", "5", "--milestones", "3", "4")
     _run(tmp_path / "grown", *flags, "--epochs", "2", "--milestones", "3")
-    train.train(parse_config(["--resume", str(tmp_path / "grown"), "--epochs", "5", "--milestones", "3", "4"]))
+    train(parse_config(["--resume", str(tmp_path / "grown"), "--epochs", "5", "--milestones", "3", "4"]))
     lrs = [float(r["lr"]) for r in _metrics(tmp_path / "grown")]
     assert lrs == [float(r["lr"]) for r in _metrics(tmp_path / "whole")] == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.001])
 
 
 def test_a_run_saved_before_validation_splits_existed_resumes_without_one(tmp_path):
-    with pytest.raises(Killed):
-        _run(tmp_path, "--epochs", "2", "--val-fraction", "0", on_epoch=_kill_after(1))
+    def kill_after_1(row):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "--epochs", "2", "--val-fraction", "0", on_epoch=kill_after_1)
     config = json.loads((tmp_path / "config.json").read_text())  # as an older revnets wrote it: no
     old = {k: v for k, v in config.items() if k not in ("val_fraction", "init_from")}  # val_fraction, init_from
     (tmp_path / "config.json").write_text(json.dumps(old))
     ckpt = checkpoint.load(tmp_path / "last.pt")
     ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k not in ("val_fraction", "init_from")}
     checkpoint.save(tmp_path / "last.pt", ckpt)
-    assert train.train(parse_config(["--resume", str(tmp_path)]))["best_on"] == "test"
+    assert train(parse_config(["--resume", str(tmp_path)]))["best_on"] == "test"

@@ -11,8 +11,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from revnets import checkpoint, lm, loop, train
-from revnets.config import parse_config
+from revnets import checkpoint, inference
+from revnets.cli.train import parse_config
+from revnets.training import Config, Run, train
+from revnets.training.step import totals
+from revnets.training.tasks import ImageTask
 
 ARGV = ["--model", "hamiltonian-74", "--units", "2", "2", "2", "--channels", "8", "16", "32", "--epochs", "1",
         "--train-fraction", "0.1", "--batch-size", "200", "--lr", "1", "--weight-decay", "0", "--smoothness", "0",
@@ -23,7 +26,7 @@ def _worker(rank, world, store, run_dir):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     out = run_dir if rank == 0 else f"{run_dir}-rank{rank}"  # only rank 0 may write
-    train.train(parse_config([*ARGV, "--out", str(out)]))
+    train(parse_config([*ARGV, "--out", str(out)]))
     dist.destroy_process_group()
 
 
@@ -37,12 +40,13 @@ def test_ddp_step_equals_the_average_of_the_shards_gradients(tmp_path):
     # (144 images), and the mean of the two shards' gradients (BatchNorm normalises each shard with its
     # own statistics, so this, not the full-batch gradient, is what DDP computes).
     config = parse_config([*ARGV, "--out", str(tmp_path / "ref")])
-    ds = train.load_data(config)
-    model = train.make_model(config, ds, torch.device("cpu"))
+    tasks = [ImageTask(config, torch.device("cpu"), rank, 2) for rank in range(2)]
+    torch.manual_seed(config.seed)
+    model = inference.build_network(tasks[0].record(0))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     grads, losses, buffers = [], [], []
     for rank in range(2):
-        loader = train.loaders(config, ds, torch.device("cpu"), rank, 2)[0]
+        loader = tasks[rank].train_loader
         assert len(loader) == 1
         x, y = next(iter(loader))
         model.load_state_dict(before)
@@ -66,9 +70,9 @@ def test_ddp_step_equals_the_average_of_the_shards_gradients(tmp_path):
     model.load_state_dict(after)
     sums = 0
     for rank in range(2):
-        sums = sums + loop.totals(model, train.loaders(config, ds, torch.device("cpu"), rank, 2)[2])
+        sums = sums + totals(model, tasks[rank].test_loader)
     loss_sum, correct, images = sums.tolist()
-    assert images == len(ds.test_y)
+    assert images == len(tasks[0].ds.test_y)
     assert abs(float(row["test_loss"]) - loss_sum / images) < 1e-7 and float(row["test_acc"]) == correct / images
 
 
@@ -93,11 +97,11 @@ def test_text_run_under_torchrun_steps_with_the_mean_of_the_shards_gradients(tmp
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ref = lm.Run(lm.LMConfig(**flags, out=str(tmp_path / "ref")))
+        ref = Run(Config(dataset="text", **flags, out=str(tmp_path / "ref")))
         start, grads, losses = torch.get_rng_state(), [], []
         for rank in range(2):
-            ref.rank, ref.world = rank, 2
-            x, y = ref.batch(0)
+            ref.task.rank, ref.task.world = rank, 2
+            x, y = ref.task.batch(0)
             torch.set_rng_state(start)
             ref.net.zero_grad()
             loss = F.cross_entropy(ref.net(x).flatten(0, 1), y.flatten())

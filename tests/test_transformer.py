@@ -4,12 +4,15 @@ import torch
 import torch.nn.functional as F
 
 import revnets
-from revnets import analysis
-from revnets.transformer import LM_MODELS, MLP, SCHEMES, ReversibleTransformer, SymmetricMLP, build_lm, generate
+from revnets import MODELS, analysis, build_lm, list_models
+from revnets.layers import MLP, SymmetricMLP
+from revnets.transformer import ReversibleTransformer, generate
 
-from measure import saved_bytes
+from helpers import bf16_grads, ddp_worker, model_grads, relative_error, saved_bytes
 
-REVERSIBLE = [s for s in SCHEMES if s != "residual"]
+SCHEMES = [name for name, record in revnets.SCHEMES.items() if record.layer is not None]
+REVERSIBLE = [s for s in SCHEMES if revnets.SCHEMES[s].reversible]
+STEPPED = [s for s in SCHEMES if revnets.SCHEMES[s].has_step]
 TINY = dict(vocab_size=11, width=16, depth=3, heads=2, context=8)
 
 
@@ -38,7 +41,7 @@ def test_each_block_steps_its_equation(scheme, mlp):
     """The blocks fold h into their output weights; the step is still the module docstring's formula,
     here composed from the unscaled attention A and MLP M (h = 0.7, the second block: not MidPoint's
     Euler start)."""
-    block = tiny(scheme, mlp=mlp, **dict(h=0.7) if scheme != "residual" else {}).blocks[1]
+    block = tiny(scheme, mlp=mlp, **dict(h=0.7) if scheme in STEPPED else {}).blocks[1]
     assert isinstance(block.mlp, SymmetricMLP if mlp == "symmetric" else MLP)
     A, M = block.attn, block.mlp
     for name, p in block.named_parameters():  # biases start at zero: give them values to scale
@@ -49,7 +52,7 @@ def test_each_block_steps_its_equation(scheme, mlp):
     def inc(x):  # one transformer layer's increment F(x) = u + M(x + u), u = A(x)
         return A(x) + M(x + A(x))
     with torch.no_grad():
-        if scheme == "residual":
+        if scheme == "resnet":
             got, want = block(y), y + inc(y)
         else:
             y1 = y + 0.7 * A(z)
@@ -71,16 +74,8 @@ def test_causal_changing_token_t_never_changes_earlier_logits(scheme):
         assert (after[:, t] - before[:, t]).abs().max() > 1e-6
 
 
-def _grads(model, x, seed=0):
-    model.zero_grad()
-    torch.manual_seed(seed)  # the same dropout masks in both models
-    logits = model(x)
-    F.cross_entropy(logits.flatten(0, 1), x.roll(-1, 1).flatten()).backward()
-    return logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
-
-
-def _relative_error(a, b):
-    return ((a - b).norm() / b.norm()).item()
+def _grads(model, x):
+    return model_grads(model, x, x.roll(-1, 1), seed=0)  # the same dropout masks in both models
 
 
 @pytest.mark.parametrize("scheme", REVERSIBLE)
@@ -111,8 +106,8 @@ def _check_engine_gradients(scheme, **kw):
     efficient = tiny(scheme, **kw)
     efficient.load_state_dict(plain.state_dict())
     (y0, g0), (y1, g1) = _grads(plain, tokens()), _grads(efficient, tokens())
-    assert _relative_error(y1, y0) < 1e-12
-    assert _relative_error(g1, g0) < 1e-9
+    assert relative_error(y1, y0) < 1e-12
+    assert relative_error(g1, g0) < 1e-9
 
 
 @pytest.mark.parametrize("scheme", REVERSIBLE)
@@ -122,25 +117,18 @@ def test_engine_replays_dropout(scheme):
     efficient = tiny(scheme, dropout=0.2).train()
     efficient.load_state_dict(plain.state_dict())
     (y0, g0), (y1, g1) = _grads(plain, tokens()), _grads(efficient, tokens())
-    assert _relative_error(y1, y0) < 1e-12
-    assert _relative_error(g1, g0) < 1e-9
-
-
-def _bf16_grads(model, x):
-    model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=next(model.parameters()).dtype == torch.float32):
-        model(x).float().pow(2).sum().backward()
-    return torch.cat([p.grad.flatten().double() for p in model.parameters()])
+    assert relative_error(y1, y0) < 1e-12
+    assert relative_error(g1, g0) < 1e-9
 
 
 @pytest.mark.parametrize("scheme", ["leapfrog", "revnet"])
 def test_bf16_autocast_gradients_as_accurate_as_plain_autograd(scheme):
     ref = tiny(scheme, memory_efficient=False, depth=12)
-    g_ref, err = _bf16_grads(ref, tokens()), {}
+    g_ref, err = bf16_grads(ref, tokens()), {}
     for me in (False, True):
         model = tiny(scheme, torch.float32, memory_efficient=me, depth=12)
         model.load_state_dict(ref.state_dict())
-        err[me] = _relative_error(_bf16_grads(model, tokens()), g_ref)
+        err[me] = relative_error(bf16_grads(model, tokens()), g_ref)
     assert err[True] <= 1.5 * err[False], err
 
 
@@ -148,7 +136,7 @@ def test_bf16_autocast_gradients_as_accurate_as_plain_autograd(scheme):
 def test_saved_activations_flat_in_depth(scheme):
     shallow = saved_bytes(tiny(scheme, torch.float32, depth=4), tokens())
     deep = saved_bytes(tiny(scheme, torch.float32, depth=32), tokens())
-    if scheme == "residual":
+    if scheme == "resnet":
         assert deep > 4 * shallow
     else:
         assert deep <= 1.1 * shallow
@@ -169,9 +157,12 @@ def test_analysis_growth_and_drift_run_on_the_chain(scheme):
 @pytest.mark.parametrize("kw, match", [
     (dict(heads=3), "heads must divide width"),
     (dict(scheme="euler"), "unknown scheme"),
+    (dict(scheme="user-tanh"), "scheme 'user-tanh' has no transformer layer"),
+    (dict(scheme="revnet", h=0.5), "the revnet scheme has no step size h"),
     (dict(depth=0), "depth must be a positive integer"),
     (dict(dropout=1.0), r"dropout must lie in \[0, 1\)"),
-    (dict(h=0.0), "h .* must be positive"),
+    (dict(h=0.0), r"h \(the step size\) must be a finite number > 0; got 0.0"),
+    (dict(h=float("inf")), r"h \(the step size\) must be a finite number > 0; got inf"),
     (dict(mlp="gated"), "unknown mlp 'gated'; expected one of standard, symmetric"),
 ])
 def test_bad_sizes_rejected(kw, match):
@@ -194,15 +185,15 @@ def test_bad_tokens_rejected(x, match):
 def test_registry_sizes_have_equal_parameter_counts_across_schemes():
     for size in ("tiny", "small", "base"):
         with torch.device("meta"):
-            models = {s: build_lm(f"{s}-lm-{size}", 90) for s in SCHEMES}
+            models = {MODELS[name]["scheme"]: build_lm(name, 90) for name in list_models(f"*-lm-{size}")}
             symmetric = build_lm(f"leapfrog-lm-{size}", 90, mlp="symmetric")
+        assert models.keys() == set(SCHEMES)
         counts = {sum(p.numel() for p in m.parameters()) for m in models.values()}
         assert len(counts) == 1, counts
-        width = LM_MODELS[f"leapfrog-lm-{size}"]["width"]  # M~ has the standard MLP's hidden width 4 width
+        width = MODELS[f"leapfrog-lm-{size}"]["width"]  # M~ has the standard MLP's hidden width 4 width
         assert symmetric.blocks[0].mlp.k.weight.shape == (4 * width, width)
         assert sum(p.numel() for p in symmetric.blocks.parameters()) < sum(
             p.numel() for p in models["leapfrog"].blocks.parameters())  # each of K's weights is used twice
-    assert set(LM_MODELS) >= {f"{s}-lm-small" for s in SCHEMES}
     with pytest.raises(ValueError, match="valid names"):
         build_lm("leapfrog-lm-huge", 90)
 
@@ -227,26 +218,11 @@ def test_generate_rejects_bad_settings():
 
 
 
-def _ddp_worker(rank, world, store, state, x, out_file):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    model = tiny("leapfrog", torch.float32)
-    model.load_state_dict(state)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    shard = x[rank * len(x) // world:(rank + 1) * len(x) // world]
-    F.cross_entropy(ddp(shard).flatten(0, 1), shard.roll(-1, 1).flatten()).backward()
-    if rank == 0:
-        torch.save([p.grad for p in model.parameters()], out_file)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 def test_ddp_gloo_gradients_equal_single_process(tmp_path):
     import torch.multiprocessing as mp
     model, x = tiny("leapfrog", torch.float32), tokens(4)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    mp.start_processes(_ddp_worker, args=(2, tmp_path / "store", state, x, tmp_path / "g.pt"), nprocs=2,
-                       start_method="spawn")  # fork from a process whose earlier tests started threads can hang
+    mp.start_processes(ddp_worker, args=(2, tmp_path / "store", model, x, x.roll(-1, 1), tmp_path / "g.pt"),
+                       nprocs=2, start_method="spawn")  # fork from a process whose tests started threads can hang
     F.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten()).backward()
     for p, g in zip(model.parameters(), torch.load(tmp_path / "g.pt")):
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
@@ -257,3 +233,89 @@ def test_compiled_model_gives_the_same_gradients():
     model, x = tiny("leapfrog", depth=1), tokens()
     want = _grads(model, x)[1]
     torch.testing.assert_close(_grads(torch.compile(model, backend="aot_eager"), x)[1], want, rtol=1e-12, atol=0)
+
+
+# ---- the chain is a ReversibleChain: what works on image networks works on language models --------
+
+@pytest.mark.parametrize("kw", [dict(segment=2), dict(segment="auto"), dict(exact=True)],
+                         ids=["segment", "auto", "exact"])
+@pytest.mark.parametrize("scheme", REVERSIBLE)
+def test_segments_and_exact_reversal_give_plain_autograd_gradients(scheme, kw):
+    plain = tiny(scheme, memory_efficient=False, depth=5, **kw)
+    model = tiny(scheme, depth=5, **kw)
+    model.load_state_dict(plain.state_dict())
+    (y0, g0), (y1, g1) = _grads(plain, tokens()), _grads(model, tokens())
+    assert torch.equal(y0, y1) if "exact" in kw else relative_error(y1, y0) < 1e-12
+    assert relative_error(g1, g0) < 1e-9
+
+
+@pytest.mark.parametrize("scheme", STEPPED)
+def test_grow_doubles_the_depth_with_half_the_step_and_converges(scheme):
+    """Each layer becomes two with h / 2 (MidPoint's first, an Euler step, becomes an Euler step and a
+    midpoint step): the same ODE over the same time, so the output moves by O(h) and the move
+    shrinks with h."""
+    moved = {}
+    for h in (0.2, 0.1):
+        model = tiny(scheme, h=h, depth=4).eval()
+        grown = revnets.grow(model)
+        assert len(grown.blocks) == 8 and {b.h for b in grown.blocks} == {h / 2}
+        assert [getattr(b, "euler", False) for b in grown.blocks[:3]] == [scheme == "midpoint", False, False]
+        with torch.no_grad():
+            moved[h] = relative_error(grown(tokens()), model(tokens()))
+    assert 0 < moved[0.1] < 0.7 * moved[0.2], moved
+
+
+@pytest.mark.parametrize("scheme", ["revnet", "resnet"])
+def test_grow_refuses_a_language_model_without_a_step(scheme):
+    with pytest.raises(ValueError, match="step size h"):
+        revnets.grow(tiny(scheme))
+
+
+@pytest.mark.parametrize("scheme", REVERSIBLE)
+def test_reversal_error_and_the_drift_monitor_see_the_chain(scheme):
+    model = tiny(scheme)
+    errors = revnets.reversal_error(model, tokens())
+    assert errors.keys() == {"unit0"} and errors["unit0"] < 1e-12  # float64
+    with torch.no_grad():
+        model.blocks[1].attn.proj.weight.fill_(float("nan"))
+    with pytest.warns(RuntimeWarning, match="unit0=inf"):
+        revnets.DriftMonitor(every=1, threshold=1e-6).step(model, tokens(), step=0)
+    assert revnets.reversal_error(tiny("resnet"), tokens()) == {}
+
+
+@pytest.mark.parametrize("scheme", STEPPED)
+def test_check_step_size_bounds_h_by_the_layers_spectral_radius(scheme):
+    """h_max = bound / |lambda|max of the layer's Jacobian (`vector_field` of each layer class); a
+    step past it warns."""
+    model = tiny(scheme).eval()
+    found = analysis.check_step_size(model, tokens(1), steps=20)
+    bound = model.blocks[0].stability_bound
+    assert found["h"] == 1.0 and found["h_max"] == pytest.approx(bound / found["spectral_radius"])
+    big = tiny(scheme, h=2 * found["h_max"] / 1.0).eval()
+    with pytest.warns(RuntimeWarning, match="past the stability bound"):
+        analysis.check_step_size(big, tokens(1), steps=20)
+
+
+@pytest.mark.parametrize("scheme", ["revnet", "resnet"])
+def test_check_step_size_refuses_a_language_model_without_a_bound(scheme):
+    with pytest.raises(ValueError, match="stability_bound"):
+        analysis.check_step_size(tiny(scheme), tokens(1))
+
+
+def test_language_models_are_registered_models():
+    assert list_models("*-lm-*") and all(MODELS[n]["kind"] == "text" for n in list_models("*-lm-*"))
+    model = revnets.build_model("leapfrog-lm-tiny", vocab_size=11, depth=2)
+    assert isinstance(model, ReversibleTransformer) and len(model.blocks) == 2 and model.vocab_size == 11
+    revnets.register_model("midpoint-lm-user", scheme="midpoint", width=8, depth=3, heads=2, context=8, h=0.5)
+    user = revnets.build_model("midpoint-lm-user", vocab_size=5)
+    assert [b.h for b in user.blocks] == [0.5] * 3 and user.context == 8
+    with pytest.raises(ValueError, match="takes vocab_size"):
+        revnets.build_model("leapfrog-lm-tiny")
+    with pytest.raises(ValueError, match="image model: it takes num_classes"):
+        revnets.build_model("hamiltonian-74", vocab_size=10)
+    with pytest.raises(ValueError, match="no setting units"):
+        revnets.build_model("leapfrog-lm-tiny", vocab_size=5, units=(1, 1))
+    with pytest.raises(ValueError, match="scheme 'user-tanh' has no transformer layer"):
+        revnets.register_model("user-lm", scheme="user-tanh", width=8, depth=3, heads=2, context=8)
+    with pytest.raises(ValueError, match="units and channels .* or width, depth, heads and context"):
+        revnets.register_model("half-lm", scheme="leapfrog", width=8, depth=3)

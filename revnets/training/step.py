@@ -1,5 +1,4 @@
-"""One training step and one evaluation pass: what `revnets train`, `revnets eval` and the
-benchmarks share.
+"""One training step and one evaluation pass: what every run, `revnets eval` and the benchmarks share.
 
 `train_step` refuses to apply a step whose loss or gradient is not finite (`NonFiniteError`),
 so that the weights stay those of the last good step. The check costs one host sync per step.
@@ -10,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .regularization import smoothness_penalty
+from ..networks import smoothness_penalty
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -32,16 +31,17 @@ def autocast(device: torch.device, amp: str):
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
                smoothness: float = 0.0, amp: str = "off", scaler: torch.amp.GradScaler | None = None,
                net: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SGD step on cross-entropy + `smoothness` * Eq. (22)'s penalty; returns (loss (), logits (b, K)).
+    """One optimiser step on cross-entropy + `smoothness` * Eq. (22)'s penalty; returns (loss (), logits).
 
-    x (b, C, H, W) float32, y (b,) int64 on the model's device. `net` is the module whose weights
-    the penalty reads (the model itself unless `model` wraps it, as DDP or torch.compile do).
+    x: a batch on the model's device (images (b, C, H, W) float32, or tokens (b, T)); y: its targets,
+    (b,) classes or (b, T) next tokens, int64; logits (b, K) or (b, T, K). `net` is the module whose
+    weights the penalty reads (the model itself unless `model` wraps it, as DDP or torch.compile do).
     NonFiniteError ("loss" or "gradient") before the optimiser moves when either is NaN or infinite;
     with an fp16 `scaler`, infinite gradients are the scaler's to skip, as AMP intends.
     """
     with autocast(x.device, amp):
         logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits.flatten(0, -2), y.flatten())
     total = loss + smoothness * smoothness_penalty(net or model) if smoothness else loss
     opt.zero_grad(set_to_none=True)
     scaling = scaler is not None and scaler.is_enabled()

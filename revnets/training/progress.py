@@ -1,7 +1,7 @@
 """What long steps show and a training run keeps: progress bars, one line per epoch, metrics.csv.
 
-The epoch bar (tqdm) shows loss, accuracy, images/s and the ETA when stdout is a terminal; in a log
-file (stdout not a TTY) only the one-line epoch summaries appear. Other long steps (decoding an
+The epoch bar (tqdm) shows loss, accuracy, images/s (tokens/s) and the ETA when stdout is a
+terminal; in a log file (stdout not a TTY) only the one-line epoch summaries appear. Other long steps (decoding an
 image folder, evaluating, analysing) show a bar on stderr when it is a terminal, else one line
 when they start. TensorBoard logging is used when the optional `tensorboard` package is importable.
 """
@@ -10,10 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .files import read_csv, write_csv
-
-FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "images_per_s",
-          "peak_mb", "epoch_s")
+from ..files import read_csv, write_csv
 
 
 def bar(iterable, desc: str, total: int | None = None, enabled: bool | None = None):
@@ -30,38 +27,27 @@ def bar(iterable, desc: str, total: int | None = None, enabled: bool | None = No
 class EpochBar:
     """A per-epoch bar over `total` batches, shown when `enabled` (default: stdout is a terminal).
 
-    `step(stats)` advances one batch; `stats() -> (loss, acc, images_per_s)` is called only every
-    `every` batches and only when the bar is shown, since on a GPU it waits for the device.
+    `step(stats)` advances one batch; `stats() -> (loss, acc, per_s)` (per_s: `unit`, images or
+    tokens, per second) is called only every `every` batches and only when the bar is shown, since
+    on a GPU it waits for the device.
     """
 
-    def __init__(self, total: int, epoch: int, epochs: int, enabled: bool | None = None, every: int = 10):
+    def __init__(self, total: int, epoch: int, epochs: int, unit: str = "images", enabled: bool | None = None,
+                 every: int = 10):
         from tqdm import tqdm  # the `train` extra; imported here so that `revnets --help` works without it
         self.enabled = sys.stdout.isatty() if enabled is None else enabled
-        self.every = every
+        self.every, self.unit = every, {"images": "img"}.get(unit, unit)
         self.bar = tqdm(total=total, desc=f"epoch {epoch}/{epochs}", file=sys.stdout, leave=False,
                         dynamic_ncols=True, disable=not self.enabled)
 
     def step(self, stats) -> None:
         if self.enabled and (self.bar.n % self.every == 0 or self.bar.n == self.bar.total - 1):
-            loss, acc, images_per_s = stats()
-            self.bar.set_postfix_str(f"loss {loss:.4f} acc {acc:.2%} {images_per_s:,.0f} img/s", refresh=False)
+            loss, acc, per_s = stats()
+            self.bar.set_postfix_str(f"loss {loss:.4f} acc {acc:.2%} {per_s:,.0f} {self.unit}/s", refresh=False)
         self.bar.update()
 
     def close(self) -> None:
         self.bar.close()
-
-
-def epoch_line(row: dict, epochs: int, eta_s: float, memory: str) -> str:
-    """One line per epoch, e.g. ``epoch 3/20  train 0.4123 87.10%  val 0.3512 89.00%  test 0.3011 90.20%
-    lr 0.1  2,345 img/s  12.3 s (ETA 3 min)  peak RSS 413 MB``; `memory` labels peak_mb."""
-    val = f"val {row['val_loss']:.4f} {row['val_acc']:.2%}  " if row.get("val_acc") is not None else ""
-    line = (f"epoch {row['epoch']}/{epochs}  train {row['train_loss']:.4f} {row['train_acc']:.2%}  {val}"
-            f"test {row['test_loss']:.4f} {row['test_acc']:.2%}  lr {row['lr']:.4g}  "
-            f"{row['images_per_s']:,.0f} img/s  {row['epoch_s']:.1f} s (ETA {duration(eta_s)})  "
-            f"{memory} {row['peak_mb']:,.0f} MB")
-    if row.get("drift_max") is not None:
-        line += f"  drift {row['drift_max']:.2e}"
-    return line
 
 
 def duration(seconds: float) -> str:
@@ -72,13 +58,13 @@ def duration(seconds: float) -> str:
 
 
 class MetricsCSV:
-    """metrics.csv, one row per epoch, rewritten atomically with each row.
+    """metrics.csv, one row per epoch under a header of `fields`, rewritten atomically with each row.
 
     `keep_until(epoch)` drops rows after `epoch` (a resumed run rewrites the epochs that its
     checkpoint does not hold).
     """
 
-    def __init__(self, path: str | os.PathLike, fields: tuple[str, ...] = FIELDS):
+    def __init__(self, path: str | os.PathLike, fields: tuple[str, ...]):
         self.path, self.fields = Path(path), tuple(fields)
 
     def keep_until(self, epoch: int) -> None:

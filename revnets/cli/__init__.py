@@ -1,7 +1,14 @@
-"""The `revnets` command: one subcommand per module (train, eval, predict, models, plot, analyze, ...).
+"""The `revnets` command: one subcommand per module of this package (train, eval, predict, generate,
+models, plot, analyze, reproduce).
 
 Each command module defines `add_parser(subparsers)`, which registers its subcommand and sets
-`func(args) -> int` as the parser default. Bad arguments end with one clear line and exit code 2.
+`func(args) -> int` as the parser default. Exit codes, for every command:
+
+    0    done
+    1    output into a closed pipe (e.g. `revnets models | head -1`)
+    2    bad input: one line naming it, before anything is written
+    3    a run stopped on a non-finite loss, gradient or weight (its files keep the last finite epoch)
+    130  interrupted (Ctrl-C); a run says how to continue
 
 `revnets --import MODULE COMMAND ...` imports MODULE (from the current directory or the Python
 path) before the command is built, so the schemes and models it registers (`register_scheme`,
@@ -13,10 +20,13 @@ import os
 import sys
 import textwrap
 
-from . import __version__
+from .. import __version__
+from ..training import NonFiniteError
+
+COMMANDS = ("models", "plot", "eval", "predict", "reproduce", "train", "analyze", "generate")
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (the subcommands' parsers inherit this class), and
     help text never wraps inside a hyphenated name (hamiltonian-74, a registered user-model-6)."""
 
@@ -39,25 +49,20 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="revnets", description="Stable reversible residual networks.")
+    parser = Parser(prog="revnets", description="Stable reversible residual networks.")
     parser.add_argument("--version", action="version", version=f"revnets {__version__}")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import MODULE first: the schemes and models it registers become valid names "
                              "(repeatable)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in _command_modules():
-        module.add_parser(sub)
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").add_parser(sub)
     return parser
-
-
-def _command_modules() -> list:
-    from . import evaluate, generate, plot, predict, report, reproduce, train, zoo
-    return [zoo, plot, evaluate, predict, reproduce, train, report, generate]
 
 
 def import_modules(argv: list[str]) -> None:
     """Import every `--import MODULE` of `argv` (the current directory first on the path); exit 2 if one fails."""
-    pre = _Parser(prog="revnets", add_help=False)
+    pre = Parser(prog="revnets", add_help=False)
     pre.add_argument("--import", dest="imports", action="append", default=[])
     names = pre.parse_known_args(argv)[0].imports
     if names and os.getcwd() not in sys.path:
@@ -75,15 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     del args.imports  # imported above; not a setting of the command
+    command = f"revnets {args.command}"
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"revnets {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"{command}: stopped: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt as e:
+        print(f"{command}: {e or 'interrupted before anything was written'}", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: end quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,9 +26,12 @@ import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .config import changed_settings, parse_config
-from .files import atomic_write, save_png
-from .networks import model_scheme
+from ..files import atomic_write, save_png
+from ..models import model_scheme
+from ..training import train
+from ..training.settings import changed_settings
+from .plot import read_metrics
+from .train import parse_config
 
 EXPERIMENTS = ("table1", "subsampling", "deep")
 BUDGETS = ("tiny", "cpu", "small", "paper")
@@ -182,7 +185,6 @@ def run_grid(runs: list[Run], out: Path) -> list[dict]:
 
 def execute(run: Run, out: Path) -> dict:
     """The summary of `run`: read when it finished before, else from training (resumed from last.pt)."""
-    from .train import train
     run_dir, argv = out / run.name, run.argv(out)
     if (run_dir / "summary.json").exists():
         _check_settings(run_dir, parse_config(argv))
@@ -272,7 +274,6 @@ def _plot_fractions(ax, rows: list[dict], out: Path) -> None:
 
 def _plot_curves(ax, rows: list[dict], out: Path) -> None:
     """Table 1: test accuracy (%) per epoch of every run, from its metrics.csv."""
-    from .plot import read_metrics
     for row in rows:
         metrics = read_metrics(out / row["run"])
         ax.plot(metrics["epoch"], [100 * a for a in metrics["test_acc"]], marker=".",

@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from .files import read_csv, save_png
+from ..files import read_csv, save_png
 
 CURVES = {"loss": ("train_loss", "val_loss", "test_loss"), "accuracy": ("train_acc", "val_acc", "test_acc"),
           "lr": ("lr",)}

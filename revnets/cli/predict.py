@@ -19,9 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data, inference
-from .cli import positive_int
-from .config import check_device
+from .. import checkpoint, inference
+from ..training import data
+from ..training.settings import check_device
+from ..training.tasks import old_record
+from . import positive_int
+from .eval import classifier_record
 
 
 def image_files(paths: list[str]) -> list[Path]:
@@ -66,7 +69,9 @@ def predict(model: inference.Classifier, images: torch.Tensor, topk: int, batch_
 
 def run(args: argparse.Namespace) -> int:
     device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = inference.load(args.checkpoint, device)
+    ckpt = checkpoint.load(args.checkpoint)
+    rec = classifier_record(ckpt, args.checkpoint) or old_record(ckpt, args.checkpoint)
+    model = inference.from_checkpoint(ckpt, args.checkpoint, rec).to(device)
     if args.topk > len(model.classes):
         raise ValueError(f"--topk {args.topk} exceeds the model's {len(model.classes)} classes")
     files = image_files(args.inputs)

@@ -23,12 +23,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import analysis
-from .blocks import ReversibleBlock
-from .engine import sequential
-from .networks import MODELS, Network, ReversibleUnit, build_model
-from .files import finite, save_png, write_json
-from .progress import bar
+from .. import analysis, checkpoint, inference
+from ..blocks import ReversibleBlock
+from ..engine import sequential
+from ..files import finite, save_png, write_json
+from ..models import MODELS, build_model
+from ..networks import Network, ReversibleUnit
+from ..training.progress import bar
+from ..training.tasks import old_record
+from . import positive_int
+from .eval import classifier_record
 
 DENSE_MAX = 2048
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -174,11 +178,11 @@ def _models(args: argparse.Namespace) -> list[tuple[str, Network]]:
     for name in args.model:
         torch.manual_seed(args.seed)  # the same weights in every report
         models.append((name, build_model(name, **overrides)))
-    if args.checkpoint:
-        from .checkpoint import load_model
-        for path in args.checkpoint:
-            model, config = load_model(path)
-            models.append((f"{config['model']} ({Path(path).parent.name}/{Path(path).name})", model))
+    for path in args.checkpoint:
+        ckpt = checkpoint.load(path)
+        rec = classifier_record(ckpt, path) or old_record(ckpt, path)
+        models.append((f"{rec['model']} ({Path(path).parent.name}/{Path(path).name})",
+                       inference.from_checkpoint(ckpt, path, rec).net))
     if not models:
         raise ValueError("nothing to analyze: give --model NAME ... and/or --checkpoint PATH ...")
     return models
@@ -188,13 +192,17 @@ def run(args: argparse.Namespace) -> int:
     depths = sorted(set(args.depths))
     if depths[0] < 1:
         raise ValueError(f"--depths must be positive; got {args.depths}")
+    if not all(math.isfinite(h) and h > 0 for h in args.h_values):
+        raise ValueError(f"--h-values must be finite and > 0; got {args.h_values}")
+    models = _models(args)
+    for label, model in models:  # every model takes the input before anything is written
+        model.check_input(torch.zeros(1, model.in_channels, args.size, args.size))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"arguments": {k: v for k, v in vars(args).items() if k != "func"},
               "input": f"one N(0, 1) image of {args.size}x{args.size}, seed {args.seed}",
               "depths": depths, "architectures": {}}
     spectra = {}
-    models = _models(args)
     for label, model in bar(models, "analysing models"):
         torch.manual_seed(args.seed)
         x = torch.randn(1, model.in_channels, args.size, args.size)
@@ -218,8 +226,9 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("analyze", help="stability report: Jacobian spectra, growth through depth, reversal drift",
                               description="Measure the stability of models' blocks (paper, Section 3) and write "
                                           "stability.json and stability-*.png into --out.")
-    p.add_argument("--model", nargs="+", default=[], choices=list(MODELS), metavar="NAME",
-                   help=f"Table 1 models, built with --units/--channels ({', '.join(MODELS)}; default: none)")
+    images = [name for name, spec in MODELS.items() if spec["kind"] == "image"]
+    p.add_argument("--model", nargs="+", default=[], choices=images, metavar="NAME",
+                   help=f"image models, built with --units/--channels ({', '.join(images)}; default: none)")
     p.add_argument("--checkpoint", nargs="+", default=[], metavar="PATH", help="trained models (revnets train's .pt; default: none)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--depths", nargs="+", type=int, default=[1, 10, 100, 1000], metavar="N",
@@ -228,9 +237,9 @@ def add_parser(subparsers) -> None:
                    help="blocks per unit for --model (default: 2 2 2)")
     p.add_argument("--channels", nargs="+", type=int, default=[8, 8, 8], metavar="C",
                    help="channels per unit for --model (default: 8 8 8)")
-    p.add_argument("--size", type=int, default=8, help="input height and width (default: 8)")
+    p.add_argument("--size", type=positive_int, default=8, help="input height and width (default: 8)")
     p.add_argument("--h-values", nargs="+", type=float, default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0], metavar="H",
                    help="step sizes for growth versus h (default: 0.01 0.03 0.1 0.3 1 3)")
-    p.add_argument("--h-depth", type=int, default=100, help="depth of growth versus h (default: 100)")
+    p.add_argument("--h-depth", type=positive_int, default=100, help="depth of growth versus h (default: 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the input (default: 0)")
     p.set_defaults(func=run)

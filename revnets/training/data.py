@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .files import atomic_write
+from ..files import atomic_write
 from .progress import bar
 
 DATASETS = ("cifar10", "cifar100", "stl10", "folder", "digits")

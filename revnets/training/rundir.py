@@ -1,11 +1,14 @@
 """A run directory (`revnets train --out DIR`): its files, one writer at a time, and the checks that
 let a killed or finished run go on.
 
-    config.json    every setting (`config.config_dict`), and "extended" when --resume grew the run
-    metrics.csv    one row per epoch (`progress.FIELDS`)
+    config.json    every setting (`settings.config_dict`), and "extended" when --resume grew the run
+    metrics.csv    one row per epoch (the task's fields)
     last.pt        the state after the last finished epoch: model, optimiser, schedule, RNG
-    best.pt        the state after the best epoch (validation accuracy; test without a validation split)
+    best.pt        the state after the best epoch (validation score; test accuracy without a validation split)
     summary.json   written when the run ends
+
+config.json and metrics.csv are written with the first epoch's checkpoint: a run that stops before
+it leaves nothing behind.
 
 A lock (DIR/.lock, an flock holding the owner's pid) admits one writer; the kernel releases it when
 its owner dies, so a lock left by a killed run is taken over with a note. Checkpoints are written
@@ -18,9 +21,9 @@ import json
 import os
 from pathlib import Path
 
-from . import checkpoint
-from .config import GROWABLE, Config, changed_settings, check_extension, config_dict
-from .files import deferred_interrupt, write_json
+from .. import checkpoint
+from ..files import deferred_interrupt, write_json
+from .settings import GROWABLE, Config, changed_settings, check_extension, config_dict
 
 RUN_FILES = ("config.json", "metrics.csv", "last.pt", "best.pt", "summary.json")
 

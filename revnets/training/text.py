@@ -15,48 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-LEVELS = ("char", "byte")
-
-
-class Vocabulary:
-    """Token ids of characters (`chars`, level "char") or of UTF-8 bytes (level "byte", 256 ids)."""
-
-    def __init__(self, level: str = "char", chars: str = ""):
-        if level not in LEVELS:
-            raise ValueError(f"unknown text level {level!r}; expected one of {', '.join(LEVELS)}")
-        if level == "char" and not chars:
-            raise ValueError("a character vocabulary needs at least one character")
-        self.level, self.chars = level, chars if level == "char" else ""
-        self.index = {c: i for i, c in enumerate(self.chars)}
-
-    @classmethod
-    def of(cls, text: str, level: str = "char") -> "Vocabulary":
-        """The vocabulary of `text`: its distinct characters, sorted, or the bytes."""
-        return cls(level, "".join(sorted(set(text))) if level == "char" else "")
-
-    def __len__(self) -> int:
-        return len(self.chars) if self.level == "char" else 256
-
-    def encode(self, text: str) -> Tensor:
-        """(len,) int64 token ids; ValueError naming a character outside the vocabulary."""
-        if self.level == "byte":
-            return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
-        unknown = set(text) - self.index.keys()
-        if unknown:
-            raise ValueError(f"characters not in the vocabulary of {len(self)}: {''.join(sorted(unknown))!r}")
-        return torch.tensor([self.index[c] for c in text], dtype=torch.long)
-
-    def decode(self, ids: Tensor) -> str:
-        """Text of (len,) token ids (byte level: invalid UTF-8, as from a cut sequence, becomes U+FFFD)."""
-        ids = ids.tolist()
-        if self.level == "byte":
-            return bytes(ids).decode("utf-8", errors="replace")
-        return "".join(self.chars[i] for i in ids)
-
-    def state(self) -> dict:
-        """Plain values for a checkpoint; `Vocabulary(**state)` rebuilds it."""
-        return {"level": self.level, "chars": self.chars}
-
+from ..inference import Vocabulary
 
 def read_text(path: str | Path) -> str:
     """The text of a file, or of every file under a directory joined in path order.

@@ -1,21 +1,24 @@
-"""`revnets eval`: test loss and accuracy of a saved checkpoint on a dataset's test split.
+"""`revnets eval`: test loss and accuracy of a saved image checkpoint on a dataset's test split.
 
 The dataset is the run's (its config names it and its data directory) unless --dataset or
 --data-dir say otherwise. Test images are standardised as the run standardised them, with the
-statistics its checkpoint stores (`inference.metadata`), so only the test split is read. A
-checkpoint saved before checkpoints stored them gets them recomputed from the dataset's training
-split (without the validation images the run held out, and reduced to its stratified subset under
---train-fraction), as `inference.training_stats` does.
+statistics its checkpoint's model record stores (`revnets.inference`), so only the test split is
+read. A checkpoint saved before checkpoints stored them gets them recomputed from the dataset's
+training split (without the validation images the run held out, and reduced to its stratified
+subset under --train-fraction), as `tasks.old_record` does. A language model's checkpoint is
+measured by its run (bits per character) and used by `revnets generate`.
 """
 import argparse
 
 import torch
 
-from . import checkpoint, data, inference
-from .cli import positive_int
-from .config import check_device
-from .loop import AMP_DTYPES, evaluate
-from .progress import bar
+from .. import checkpoint, inference
+from ..training import data
+from ..training.progress import bar
+from ..training.settings import check_device
+from ..training.step import AMP_DTYPES, evaluate
+from ..training.tasks import old_record
+from . import positive_int
 
 
 def check_compatible(model: inference.Classifier, ds: data.Dataset, checkpoint_path: str) -> None:
@@ -37,12 +40,23 @@ def dataset_of(args: argparse.Namespace, config: dict, test_only: bool) -> data.
     return data.load_dataset(name, data_dir, train=not test_only)
 
 
+def classifier_record(ckpt: dict, path: str) -> dict | None:
+    """The model record of an image checkpoint (`inference.record_of`: None when saved before
+    checkpoints stored their standardisation); ValueError for a language model's checkpoint."""
+    rec = inference.record_of(ckpt, path)
+    if rec is not None and rec.get("kind") == "text":
+        raise ValueError(f"{path} holds a language model, not an image classifier: sample from it with "
+                         "revnets generate (its run measured its bits per character, in metrics.csv)")
+    return rec
+
+
 def run(args: argparse.Namespace) -> int:
     device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = checkpoint.load(args.checkpoint)
     config = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
-    ds = dataset_of(args, config, test_only="meta" in ckpt)
-    model = inference.from_checkpoint(ckpt, args.checkpoint, ds).to(device)
+    rec = classifier_record(ckpt, args.checkpoint)
+    ds = dataset_of(args, config, test_only=rec is not None)
+    model = inference.from_checkpoint(ckpt, args.checkpoint, rec or old_record(ckpt, args.checkpoint, ds)).to(device)
     check_compatible(model, ds, args.checkpoint)
     channels = ds.test_x.shape[1]  # the model standardises: batches are pixels / 255
     loader = data.Loader(ds.test_x, ds.test_y, args.batch_size, mean=torch.zeros(channels), std=torch.ones(channels),
