@@ -80,14 +80,16 @@ def build_model(name: str, num_classes: int | None = None, in_channels: int | No
     `ReversibleTransformer`).
 
     Overrides: the sizes (``units=(n1, n2, n3[, n4])``, ``channels=(...)``; ``width``, ``depth``,
-    ``heads``, ``context``) and the scheme's settings: h, act and norm of an image block, h, mlp,
-    dropout and tied of a transformer layer; reversible schemes also take ``segment`` (None, an
-    integer k or "auto": blocks per state the engine stores, see `revnets.engine`) and
-    ``exact=True`` (fixed-point state, bit-exact reversal, see `revnets.exact`).
+    ``heads``, ``context``) and the scheme's settings: h, act and norm of an image block; h, mlp,
+    dropout, tied and init of a transformer layer, and ``scheme`` (a language model's sizes in
+    another scheme); reversible schemes also take ``segment`` (None, an integer k or "auto": blocks
+    per state the engine stores, see `revnets.engine`) and ``exact=True`` (fixed-point state,
+    bit-exact reversal, see `revnets.exact`).
     ``memory_efficient=False`` gives the same module (same parameter names) trained with plain autograd.
     """
     found = dict(spec(name))
-    kind, record = found.pop("kind"), get_scheme(found["scheme"])
+    kind = found.pop("kind")
+    record = get_scheme(overrides.get("scheme", found["scheme"]) if kind == "text" else found["scheme"])
     check_overrides(name, overrides, [*SIZES[kind], *settings(record, kind)])
     if kind == "image":
         if vocab_size is not None:

@@ -4,8 +4,9 @@ step h / 2 that computes the same function up to O(h), and trains on from there.
 
 Each block of a reversible chain, the step Y_{j+1} = Phi_h(Y_j; K_j), becomes two consecutive copies
 Phi_{h/2}(Phi_{h/2}(Y_j; K_j); K_j): the same ODE over the same time interval, discretised twice as
-finely. A unit's entry block (which may widen the state) stays as it is. A forward Euler step that
-starts a MidPoint chain (a language model's first layer) becomes an Euler step and a midpoint step.
+finely. A unit's entry block (which may widen the state) stays as it is. The first step of a
+language model's two-step chain (MidPoint's forward Euler step) becomes that first step and an
+ordinary one.
 
 Two-step schemes (MidPoint, Leapfrog) carry the state (Y_{j-1}, Y_j), two points of the trajectory h
 apart: their difference is the step's velocity, Y' ~ (Y_j - Y_{j-1}) / h. With step h / 2 the pair
@@ -76,9 +77,10 @@ def grow(model: nn.Module) -> nn.Module:
 
 
 def _halved(block: nn.Module, second: bool) -> nn.Module:
-    """A copy of `block` with h / 2; the second copy of a forward Euler step is a midpoint step."""
+    """A copy of `block` with h / 2; the second copy of a chain's first step (`revnets.layers.Layer.start`)
+    is an ordinary step."""
     block = copy.deepcopy(block)
     block.h = block.h / 2
-    if second and getattr(block, "euler", False):
-        block.euler = False
+    if second and getattr(block, "start", None):
+        block.start = None
     return block

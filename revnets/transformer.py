@@ -52,9 +52,10 @@ from .schemes import SCHEMES, Scheme, get_scheme
 
 
 def layer_settings(record: Scheme) -> list[str]:
-    """The keyword settings a language model of this scheme takes besides its sizes."""
-    return (["h"] if record.has_step else []) + ["mlp", "dropout", "tied"] + (
-        ["segment", "exact"] if record.reversible else [])
+    """The keyword settings a language model of this scheme takes besides its sizes (`scheme`: the
+    same sizes as another scheme)."""
+    return ["scheme"] + (["h"] if record.has_step else []) + ["mlp", "dropout", "tied"] + (
+        ["segment", "exact", "init"] if record.reversible else [])
 
 
 class ReversibleTransformer(MemoryEfficient, nn.Module):
@@ -66,22 +67,23 @@ class ReversibleTransformer(MemoryEfficient, nn.Module):
     trains the same module, same state_dict, with plain autograd; the resnet scheme always does).
     `h`: the step of the schemes that have one (default 1). `mlp`: every layer's MLP, "standard" or
     Eq. (7)'s "symmetric" (module docstring). `tied`: the head is the token embedding's weight.
+    `init`: how the chain starts, "rest" or, for a two-step scheme, "fixed-point" (`revnets.layers.Layer`).
     """
 
     def __init__(self, vocab_size: int, width: int, depth: int, heads: int, context: int,
                  scheme: str = "leapfrog", memory_efficient: bool = True, dropout: float = 0.0,
                  h: float | None = None, mlp: str = "standard", tied: bool = True,
-                 segment: int | str | None = None, exact: bool = False):
+                 segment: int | str | None = None, exact: bool = False, init: str = "rest"):
         super().__init__()
         record = get_scheme(scheme)
         _check_sizes(vocab_size, width, depth, heads, context, record, dropout, h, mlp)
-        self.scheme, self.context, self.vocab_size = record.name, context, vocab_size
+        self.scheme, self.context, self.vocab_size, self.init = record.name, context, vocab_size, init
         self.layer = record.layer
         self.tok = nn.Embedding(vocab_size, width)
         self.pos = nn.Embedding(context, width)
         self.drop = nn.Dropout(dropout)
         step = dict(h=1.0 if h is None else h) if record.has_step else {}
-        layers = record.layer.stack(depth, width, heads, dropout=dropout, mlp=mlp, **step)
+        layers = record.layer.stack(depth, width, heads, init, dropout=dropout, mlp=mlp, **step)
         self.blocks = ReversibleChain(layers, memory_efficient, segment, exact, name="blocks") \
             if record.reversible else nn.ModuleList(layers)
         self.norm = nn.LayerNorm(width)

@@ -259,10 +259,33 @@ def test_grow_doubles_the_depth_with_half_the_step_and_converges(scheme):
         model = tiny(scheme, h=h, depth=4).eval()
         grown = revnets.grow(model)
         assert len(grown.blocks) == 8 and {b.h for b in grown.blocks} == {h / 2}
-        assert [getattr(b, "euler", False) for b in grown.blocks[:3]] == [scheme == "midpoint", False, False]
+        first = "rest" if revnets.SCHEMES[scheme].two_step else None
+        assert [b.start for b in grown.blocks[:3]] == [first, None, None]
         with torch.no_grad():
             moved[h] = relative_error(grown(tokens()), model(tokens()))
     assert 0 < moved[0.1] < 0.7 * moved[0.2], moved
+
+
+@pytest.mark.parametrize("scheme", ["midpoint", "leapfrog"])
+def test_a_fixed_point_start_steps_from_the_point_before_x(scheme):
+    """init="fixed-point": the chain steps as if the state before the first layer were (x - h F_0(x), x)
+    (F_0 the first layer's increment), computed here by hand; for MidPoint that is the Euler start."""
+    model = tiny(scheme, init="fixed-point", h=0.6, depth=3).eval()
+    rest = tiny(scheme, h=0.6, depth=3).eval()
+    rest.load_state_dict(model.state_dict())
+    x = tokens()
+    with torch.no_grad():
+        a, b = model.chain_input(x)
+        state = (a - 0.6 * model.blocks[0].increment(a), b)
+        step = {"midpoint": lambda blk, p, q: (q, p + 1.2 * blk.increment(q)),
+                "leapfrog": lambda blk, p, q: (q, 2 * q - p - 0.36 * blk.increment(q))}[scheme]
+        for blk in model.blocks:
+            state = step(blk, *state)
+        want = model.head(model.norm(state[1]))
+        torch.testing.assert_close(model(x), want, rtol=1e-10, atol=1e-10)
+        assert (scheme == "midpoint") == torch.allclose(rest(x), want, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="init must be one of rest for HamiltonianLayer"):
+        tiny("hamiltonian", init="fixed-point")
 
 
 @pytest.mark.parametrize("scheme", ["revnet", "resnet"])
