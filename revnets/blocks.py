@@ -72,8 +72,9 @@ class Coupling(NamedTuple):
 class ReversibleBlock(nn.Module):
     """A block (a, b) -> (a', b') made of additive couplings, with an exact inverse.
 
-    A subclass defines `__init__(channels, **kw)` and `couplings()`; everything else has a default
-    for the state (Y, Z), each C/2 channels. `kw` holds the scheme's defaults and `dim`.
+    A subclass defines `__init__(channels, ..., dim=2)` and `couplings()`; everything else has a
+    default for the state (Y, Z), each C/2 channels. Blocks are built as block(channels, dim=dim, **kw),
+    `kw` the scheme's defaults and overrides (`register_scheme` refuses a class without `dim`).
     """
 
     stability_bound: ClassVar[float | None] = None  # largest stable h |lambda| (analysis.check_step_size)
@@ -165,6 +166,14 @@ def check_step(h: float) -> float:
     if isinstance(h, bool) or not isinstance(h, (int, float)) or not (math.isfinite(h) and h > 0):
         raise ValueError(f"h (the step size) must be a finite number > 0; got {h!r}")
     return h
+
+
+def check_positive(**sizes: int) -> None:
+    """ValueError naming the first of the keyword `sizes` (channels, depth, num_classes, ...) that
+    is not an integer >= 1."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}")
 
 
 def check_dim(dim: int) -> None:

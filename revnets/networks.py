@@ -15,7 +15,7 @@ from typing import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import ReversibleBlock, check_dim, conv3x3
+from .blocks import ReversibleBlock, check_dim, check_positive, conv3x3
 from . import exact as fixed_point
 from .engine import AutoSegment, segment_length, reversible, sequential
 from .schemes import SCHEMES, Scheme, get_scheme
@@ -138,8 +138,7 @@ class ReversibleStack(ReversibleUnit):
         if not record.reversible:
             raise ValueError(f"ReversibleStack needs a reversible scheme "
                              f"({', '.join(s for s in SCHEMES if SCHEMES[s].reversible)}); got {record.name!r}")
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"ReversibleStack needs depth >= 1 (an integer number of blocks); got {depth!r}")
+        check_positive(channels=channels, depth=depth)
         check_overrides(f"ReversibleStack({record.name})", block_kw, scheme_settings(record))
         super().__init__(record.block, channels, channels, depth, pool=False, memory_efficient=memory_efficient,
                          dim=dim, **{**record.defaults, **block_kw})
@@ -151,6 +150,7 @@ class ReversibleStack(ReversibleUnit):
 
     def chain_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self.check_input(x)
+        check_float(x, f"ReversibleStack({self.scheme})")
         return super().chain_input(x)
 
     def check_input(self, x: Tensor) -> None:
@@ -159,6 +159,12 @@ class ReversibleStack(ReversibleUnit):
         if x.dim() != self.dim + 2 or x.shape[1] != self.channels:
             raise ValueError(f"ReversibleStack({self.scheme}, dim={self.dim}) expects input of shape "
                              f"({expected}); got {tuple(x.shape)}")
+
+
+def check_float(x: Tensor, name: str) -> None:
+    """ValueError unless `x` is a floating-point tensor (the input of a network of `name`)."""
+    if not x.is_floating_point():
+        raise ValueError(f"{name} expects floating-point input (float32, float64, bfloat16, ...); got {x.dtype}")
 
 
 def plain_unit(block: type[nn.Module], c_in: int, c: int, n: int, pool: bool, memory_efficient: bool = True,
@@ -180,9 +186,10 @@ class Network(MemoryEfficient, nn.Module):
                  num_classes: int = 10, memory_efficient: bool = True, **kw):
         super().__init__()
         record = get_scheme(scheme)
-        if len(units) != len(channels) or not units or min(units) < 1:
+        if len(units) != len(channels) or not units or min(units) < 1 or min(channels) < 1:
             raise ValueError(f"units and channels need one positive entry per unit; got units={tuple(units)}, "
                              f"channels={tuple(channels)}")
+        check_positive(in_channels=in_channels, num_classes=num_classes)
         if any(c_out < c_in for c_in, c_out in zip(channels, channels[1:])):
             raise ValueError(f"channels must not decrease from unit to unit (zero padding widens); got {tuple(channels)}")
         self.scheme, self.in_channels, self.channels = record.name, in_channels, tuple(channels)
@@ -201,6 +208,7 @@ class Network(MemoryEfficient, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
+        check_float(x, f"{type(self).__name__}({self.scheme})")
         x = self.stem(x).to(self.head.weight.dtype)  # reversible states stay in the parameters' precision
         for unit in self.units:
             x = unit(x)

@@ -22,6 +22,7 @@ after which `Network`, `ReversibleStack`, `register_model`, analysis and the com
 name "additive". A scheme may also name its transformer layer (`layer=`, see `revnets.layers`): then
 `ReversibleTransformer` and the language models take the name too.
 """
+import inspect
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -71,8 +72,9 @@ SCHEMES: dict[str, Scheme] = {}
 def register_scheme(name: str, block_cls: type[nn.Module], layer: type[Layer] | None = None, **defaults) -> Scheme:
     """Register `block_cls` under `name`, built with keyword `defaults` unless overridden; returns its record.
 
-    `block_cls`: a `ReversibleBlock` subclass taking `(channels, **kw)` (kw receives the defaults,
-    the overrides and `dim`), or a non-reversible `nn.Module` taking `(c_in, c_out, stride, **kw)`.
+    `block_cls`: a `ReversibleBlock` subclass built as `block_cls(channels, dim=dim, **kw)` (kw: the
+    defaults and the overrides; a class whose `__init__` takes no `dim` is refused), or a
+    non-reversible `nn.Module` taking `(c_in, c_out, stride, **kw)`.
     `layer`: the scheme's transformer layer, a `revnets.layers.Layer` subclass, reversible (also a
     `ReversibleBlock`) exactly when the block is, taking `h` when the defaults do. A name can be
     registered once.
@@ -83,12 +85,22 @@ def register_scheme(name: str, block_cls: type[nn.Module], layer: type[Layer] | 
         raise ValueError(f"scheme {name!r} is already registered (to {SCHEMES[name].block.__name__})")
     if not (isinstance(block_cls, type) and issubclass(block_cls, nn.Module)):
         raise ValueError(f"register_scheme expects an nn.Module class for {name!r}; got {block_cls!r}")
+    if issubclass(block_cls, ReversibleBlock) and not _takes_dim(block_cls):
+        raise ValueError(f"scheme {name!r}: {block_cls.__name__}.__init__ must take dim (blocks are built as "
+                         "block(channels, dim=dim, **kw); dim 0: dense features, 1-3: a convolution over that many "
+                         "axes): add `dim: int = 2` to its parameters")
     if layer is not None and not (isinstance(layer, type) and issubclass(layer, Layer)
                                   and issubclass(layer, ReversibleBlock) == issubclass(block_cls, ReversibleBlock)):
         raise ValueError(f"register_scheme expects for {name!r} a revnets.layers.Layer class that is a ReversibleBlock "
                          f"exactly when {block_cls.__name__} is; got layer={layer!r}")
     SCHEMES[name] = Scheme(name, block_cls, MappingProxyType(dict(defaults)), layer)
     return SCHEMES[name]
+
+
+def _takes_dim(block_cls: type) -> bool:
+    """Whether `block_cls(...)` accepts a `dim` keyword (named, or through **kw)."""
+    parameters = inspect.signature(block_cls).parameters.values()
+    return any(p.name == "dim" and p.kind != p.POSITIONAL_ONLY or p.kind == p.VAR_KEYWORD for p in parameters)
 
 
 def get_scheme(scheme: "str | Scheme") -> Scheme:

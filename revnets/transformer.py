@@ -46,6 +46,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .blocks import check_positive
 from .layers import MLPS
 from .networks import MemoryEfficient, ReversibleChain
 from .schemes import SCHEMES, Scheme, get_scheme
@@ -132,9 +133,7 @@ class ReversibleTransformer(MemoryEfficient, nn.Module):
 
 
 def _check_sizes(vocab_size, width, depth, heads, context, record: Scheme, dropout, h, mlp) -> None:
-    for name, value in dict(vocab_size=vocab_size, width=width, depth=depth, heads=heads, context=context).items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    check_positive(vocab_size=vocab_size, width=width, depth=depth, heads=heads, context=context)
     if record.layer is None:
         raise ValueError(f"scheme {record.name!r} has no transformer layer; expected one of "
                          f"{', '.join(s for s in SCHEMES if SCHEMES[s].layer is not None)}")

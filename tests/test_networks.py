@@ -120,6 +120,41 @@ def test_bad_input_shape_names_the_expected_shape(shape, match):
         build_model("hamiltonian-74", **SMALL)(torch.randn(*shape))
 
 
+@pytest.mark.parametrize("make, value", [
+    (lambda: build_model("hamiltonian-74", h=float("nan")), "nan"),
+    (lambda: build_model("hamiltonian-74", h=-1.0), "-1.0"),
+    (lambda: build_model("leapfrog-26", h=0.0), "0.0"),  # h = 0: every block the identity
+    (lambda: ReversibleStack("hamiltonian", 8, depth=2, h=float("inf")), "inf"),
+    (lambda: ReversibleStack("midpoint", 8, depth=2, h=-0.1), "-0.1"),
+])
+def test_the_api_refuses_the_step_sizes_the_command_line_refuses(make, value):
+    with pytest.raises(ValueError, match=rf"h \(the step size\) must be a finite number > 0; got {value}"):
+        make()
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: build_model("hamiltonian-74", num_classes=0), "num_classes must be a positive integer; got 0"),
+    (lambda: build_model("resnet-32", in_channels=0), "in_channels must be a positive integer; got 0"),
+    (lambda: build_model("hamiltonian-74", channels=(0, 0, 0)), r"one positive entry per unit; got .*channels=\(0, 0, 0\)"),
+    (lambda: ReversibleStack("hamiltonian", 0, depth=2), "channels must be a positive integer; got 0"),
+    (lambda: ReversibleStack("revnet", -2, depth=2), "channels must be a positive integer; got -2"),
+])
+def test_empty_sizes_are_refused_naming_the_setting(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: ReversibleStack("hamiltonian", 8, depth=2), (2, 8, 4, 4)),
+                                         (lambda: ReversibleStack("leapfrog", 8, depth=2, dim=0), (2, 8)),
+                                         (lambda: build_model("hamiltonian-74", **SMALL), (2, 3, 8, 8))])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool])
+def test_integer_input_is_refused_naming_the_expected_dtype(make, shape, dtype):
+    model = make()
+    with pytest.raises(ValueError, match=f"expects floating-point input .*; got {dtype}"):
+        model(torch.zeros(shape, dtype=dtype))
+    assert model(torch.zeros(shape)).dtype == torch.float32  # the same shape in floating point runs
+
+
 def test_stable_schemes_are_the_ones_with_a_step_size():
     assert {"hamiltonian", "midpoint", "leapfrog"} <= {s for s, r in SCHEMES.items() if r.has_step}
     assert not SCHEMES["revnet"].has_step and not SCHEMES["resnet"].has_step
@@ -203,7 +238,7 @@ def test_reversible_stack_takes_the_scheme_settings():
     (lambda: ReversibleStack("hamiltonian", 4, 3, dim=-1), r"dim must be 0 \(dense\), 1, 2 or 3"),
     (lambda: ReversibleStack("verlet", 4, 3), "unknown scheme 'verlet'; expected one of hamiltonian"),
     (lambda: ReversibleStack("resnet", 4, 3), "needs a reversible scheme"),
-    (lambda: ReversibleStack("hamiltonian", 4, 0), "depth >= 1"),
+    (lambda: ReversibleStack("hamiltonian", 4, 0), "depth must be a positive integer; got 0"),
     (lambda: ReversibleStack("revnet", 4, 3, h=0.1), "no setting h; valid overrides: act, norm, segment, exact"),
 ])
 def test_reversible_stack_rejects_bad_settings(make, match):

@@ -136,6 +136,33 @@ def test_register_scheme_and_model_reject_bad_names_and_settings():
     assert "bad-model" not in revnets.MODELS and "not-a-block" not in SCHEMES
 
 
+class _Dense(ReversibleBlock):
+    """Y += F(Z), Z += G(Y) with dense F, G: a block written without `dim` (the contract's error)."""
+
+    def __init__(self, channels, width=4):
+        super().__init__()
+        self.f, self.g = torch.nn.Linear(channels // 2, channels // 2), torch.nn.Linear(channels // 2, channels // 2)
+
+    def couplings(self):
+        return revnets.Coupling(+1, self.f), revnets.Coupling(+1, self.g)
+
+
+class _AnyDim(_Dense):
+    def __init__(self, channels, **kw):  # takes dim through **kw
+        super().__init__(channels)
+
+
+def test_register_scheme_refuses_a_block_class_that_takes_no_dim(monkeypatch):
+    """Units build blocks as block(channels, dim=dim, **kw): a class without `dim` is refused when it
+    is registered, saying what to add, not later inside build_model with a TypeError."""
+    with pytest.raises(ValueError, match=r"scheme 'dense': _Dense.__init__ must take dim .* add `dim: int = 2`"):
+        register_scheme("dense", _Dense, width=4)
+    assert "dense" not in SCHEMES
+    monkeypatch.setattr(revnets.schemes, "SCHEMES", dict(SCHEMES))  # a registration for this test only
+    register_scheme("any-dim", _AnyDim)
+    assert ReversibleStack("any-dim", 8, depth=3, dim=0)(torch.randn(2, 8)).shape == (2, 8)
+
+
 def test_list_models_filters_by_pattern():
     assert revnets.list_models("*-1202") == ["resnet-1202", "hamiltonian-1202"]
     assert revnets.list_models("hamiltonian-*")[:3] == ["hamiltonian-74", "hamiltonian-218", "hamiltonian-1202"]

@@ -163,6 +163,8 @@ def test_analysis_growth_and_drift_run_on_the_chain(scheme):
     (dict(dropout=1.0), r"dropout must lie in \[0, 1\)"),
     (dict(h=0.0), r"h \(the step size\) must be a finite number > 0; got 0.0"),
     (dict(h=float("inf")), r"h \(the step size\) must be a finite number > 0; got inf"),
+    (dict(h=float("nan")), r"h \(the step size\) must be a finite number > 0; got nan"),
+    (dict(h=-1.0), r"h \(the step size\) must be a finite number > 0; got -1.0"),
     (dict(mlp="gated"), "unknown mlp 'gated'; expected one of standard, symmetric"),
 ])
 def test_bad_sizes_rejected(kw, match):
@@ -175,6 +177,7 @@ def test_bad_sizes_rejected(kw, match):
     (torch.full((1, 4), -1), r"got ids in \[-1, -1\]"),
     (torch.zeros(1, 9, dtype=torch.long), "T <= context=8"),
     (torch.zeros(1, 4), "integer tokens"),
+    (torch.zeros(1, 4, dtype=torch.bool), "integer tokens.* torch.bool"),
     (torch.zeros(4, dtype=torch.long), r"\(N, T\) integer"),
 ])
 def test_bad_tokens_rejected(x, match):
