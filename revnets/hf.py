@@ -32,7 +32,7 @@ another family of that shape is a subclass that says which masks its layers read
 """
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPastAndCrossAttentions
 
@@ -237,12 +237,16 @@ def from_pretrained(path, **kwargs) -> PreTrainedModel:
     return _converted_as_saved(model)
 
 
+def config_of(config: dict) -> PretrainedConfig:
+    """The transformers config of `config`, a config's `to_dict()`."""
+    config = dict(config)
+    return AutoConfig.for_model(config.pop("model_type"), **config)
+
+
 def from_config(config: dict) -> PreTrainedModel:
     """A model of `config` (a config's `to_dict()`), randomly initialised and converted as its
     `revnets` entry says: the network of a checkpoint's model record, before its weights."""
-    config = dict(config)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
-    return _converted_as_saved(model)
+    return _converted_as_saved(AutoModelForCausalLM.from_config(config_of(config)))
 
 
 def _converted_as_saved(model: PreTrainedModel) -> PreTrainedModel:
@@ -253,4 +257,5 @@ def _converted_as_saved(model: PreTrainedModel) -> PreTrainedModel:
     return reversible(model, **settings)
 
 
-__all__ = ["FAMILIES", "GPT2", "Llama", "Mistral", "Qwen2", "from_config", "from_pretrained", "reversible"]
+__all__ = ["FAMILIES", "GPT2", "Llama", "Mistral", "Qwen2", "config_of", "from_config", "from_pretrained",
+           "reversible"]

@@ -15,7 +15,9 @@ standardisation, so that it takes images as they are decoded, floats in [0, 1], 
 `load(path)` also loads the weights. Checkpoints written before records existed (2026-12-01: a
 ``meta`` entry for images, ``vocab`` for text) are read into the same record (`record_of`).
 """
+import json
 import os
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -27,8 +29,9 @@ from .transformer import generate
 
 KINDS = ("image", "text")
 LEVELS = ("char", "byte")
+HF = "hf"  # a record's model name for a Hugging Face model (its config in the record's "hf_config")
 # The run settings (`revnets train` flags, as config.json saves them) that are settings of the model.
-MODEL_FLAGS = ("units", "channels", "h", "norm", "segment", "exact", "context", "mlp", "dropout")
+MODEL_FLAGS = ("units", "channels", "h", "norm", "segment", "exact", "context", "mlp", "dropout", "init")
 
 
 class Vocabulary:
@@ -81,9 +84,15 @@ class Classifier(nn.Module):
     def __init__(self, net: nn.Module, mean: Tensor, std: Tensor, classes: list[str], image_size: tuple[int, int]):
         super().__init__()
         mean, std = (torch.as_tensor(t, dtype=torch.float32).view(-1, 1, 1) for t in (mean, std))
-        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
-            raise ValueError(f"a standardisation needs finite means and finite positive standard deviations; got "
-                             f"mean {mean.flatten().tolist()}, std {std.flatten().tolist()}")
+        if not (len(mean) == len(std) == net.in_channels and torch.isfinite(mean).all() and torch.isfinite(std).all()
+                and (std > 0).all()):
+            raise ValueError(f"a standardisation needs a finite mean and a finite positive standard deviation per "
+                             f"input channel ({net.in_channels}); got mean {mean.flatten().tolist()}, "
+                             f"std {std.flatten().tolist()}")
+        if isinstance(classes, str) or not all(isinstance(c, str) for c in classes):
+            raise ValueError(f"classes must be a list of class names (strings); got {classes!r}")
+        if len(image_size) != 2 or not all(isinstance(n, int) and n > 0 for n in image_size):
+            raise ValueError(f"image_size must be (H, W), two positive integers; got {image_size!r}")
         self.net, self.classes, self.image_size = net, list(classes), tuple(image_size)
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
@@ -100,7 +109,8 @@ class Classifier(nn.Module):
 
 class LanguageModel(nn.Module):
     """A trained language model with its vocabulary: tokens (N, T) int64 -> logits (N, T, len(vocab)),
-    T <= `context`; `generate` continues a text."""
+    T <= `context` (a network that reads more tokens than the vocabulary has, as a Hugging Face model
+    trained on characters, has its logits of the others left out); `generate` continues a text."""
 
     def __init__(self, net: nn.Module, vocab: Vocabulary):
         super().__init__()
@@ -108,10 +118,10 @@ class LanguageModel(nn.Module):
 
     @property
     def context(self) -> int:
-        return self.net.context
+        return text_sizes(self.net)[0]
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return self.net(tokens)
+        return logits(self.net(tokens))[..., :len(self.vocab)]
 
     def generate(self, prompt: str, tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  generator: torch.Generator | None = None) -> str:
@@ -121,6 +131,18 @@ class LanguageModel(nn.Module):
         device = next(self.parameters()).device
         ids = self.vocab.encode(prompt)[None].to(device)
         return self.vocab.decode(generate(self, ids, tokens, temperature, top_k, generator)[0].cpu())
+
+
+def logits(output) -> Tensor:
+    """A language model's logits: its output, or the output's `.logits` (Hugging Face models)."""
+    return getattr(output, "logits", output)
+
+
+def text_sizes(net: nn.Module) -> tuple[int, int]:
+    """(context, vocabulary size) of a language model: the library's own or a Hugging Face one."""
+    if hasattr(net, "config"):
+        return net.config.max_position_embeddings, net.config.vocab_size
+    return net.context, net.vocab_size
 
 
 def model_overrides(settings: dict) -> dict:
@@ -153,6 +175,8 @@ def build_network(rec: dict) -> nn.Module:
     naming what in the record cannot be built."""
     if not isinstance(rec, dict) or rec.get("kind") not in KINDS or not isinstance(rec.get("overrides"), dict):
         raise ValueError(f"not a model record (expected a dict with kind in {KINDS} and overrides)")
+    if rec["model"] == HF:
+        return _hf_network(rec)
     if spec(rec["model"])["kind"] != rec["kind"]:
         raise ValueError(f"model {rec['model']!r} is not an {rec['kind']} model")
     try:
@@ -167,6 +191,19 @@ def build_network(rec: dict) -> nn.Module:
     for _ in range(rec["grown"]):
         net = grow(net)
     return net
+
+
+def _hf_network(rec: dict) -> nn.Module:
+    """The Hugging Face model of a record (its config), converted as its overrides say (`revnets.hf`)."""
+    from .hf import from_config, reversible
+    model = from_config(json.loads(rec["hf_config"]))
+    return reversible(model, **rec["overrides"], memory_efficient=rec["memory_efficient"]) if rec["overrides"] \
+        else model
+
+
+def _hf_layers(rec: dict) -> int:
+    from .hf import config_of
+    return config_of(json.loads(rec["hf_config"])).num_hidden_layers
 
 
 def build(rec: dict) -> nn.Module:
@@ -226,18 +263,28 @@ def from_checkpoint(ckpt: dict, path: str | os.PathLike, rec: dict | None = None
 
 
 def _check_size(rec: dict, state: dict, path) -> None:
-    """ValueError when the record asks for more blocks than the weights could hold (one tensor each
-    at least): a damaged or crafted record is refused before anything is built."""
+    """ValueError unless the record's network fits the weights, checked before any of it is allocated:
+    first its number of blocks (each holds one tensor at least; cheap, so that a crafted record of a
+    million blocks is refused before it is built), then every tensor's shape, on the network built
+    on the meta device (no memory), so that a crafted width is refused too."""
     try:
-        found = spec(rec["model"])
+        found = spec(rec["model"]) if rec["model"] != HF else dict(kind="hf")
         sizes = {**found, **rec["overrides"]}
-        blocks = sum(sizes["units"]) if found["kind"] == "image" else sizes["depth"]
-        blocks *= 2 ** rec["grown"]
+        blocks = sum(sizes["units"]) if found["kind"] == "image" else sizes["depth"] if found["kind"] == "text" \
+            else _hf_layers(rec)
+        grown = rec["grown"]
+        if isinstance(grown, bool) or not isinstance(grown, int) or not 0 <= grown < len(state).bit_length():
+            raise ValueError(f"grown={grown!r} is not a number of growths that {len(state)} tensors can hold")
+        blocks *= 2 ** grown
+        if not (isinstance(blocks, int) and 0 < blocks <= len(state)):
+            raise ValueError(f"it asks for {blocks} blocks, but the weights hold {len(state)} tensors")
+        with torch.device("meta"):
+            net = build_network(rec)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: its model record cannot be built ({e})") from None
-    if not (isinstance(blocks, int) and 0 < blocks <= len(state)):
-        raise ValueError(f"{path}: its model record asks for {blocks} blocks, but its weights hold {len(state)} "
-                         "tensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that loading into meta tensors copies nothing
+        checkpoint.load_state(net, state, path)
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:

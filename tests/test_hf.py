@@ -22,14 +22,14 @@ VOCAB = 40
 
 
 def llama(layers=3, **kw):
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32, **kw))
+    sizes = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(num_hidden_layers=layers, **{**sizes, **kw}))
 
 
 def gpt2(layers=3, **kw):
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=16, n_layer=layers, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0, **kw))
+    sizes = dict(vocab_size=VOCAB, n_embd=16, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=layers, **{**sizes, **kw}))
 
 
 FAMILIES = {"llama": llama, "gpt2": gpt2}
@@ -214,3 +214,99 @@ def test_import_revnets_does_not_import_transformers():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.stdout.strip() == "False"
+
+
+# ---- revnets train --init-from DIR --convert SCHEME [--distill] ------------------------------------
+
+TEXT = str(ROOT / "tests" / "data" / "tiny.txt")
+RUN = ["train", "--dataset", "text", "--data-dir", TEXT, "--batch-size", "4", "--steps-per-epoch", "2", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A residual Llama saved as users save theirs (save_pretrained), and the library's own residual
+    language model trained one epoch: (HF directory, revnets checkpoint)."""
+    root = tmp_path_factory.mktemp("sources")
+    torch.manual_seed(0)
+    llama(2, vocab_size=64, hidden_size=32, intermediate_size=48).save_pretrained(root / "llama")
+    from revnets.cli import main
+    assert main([*RUN, "--model", "residual-lm-tiny", "--context", "16", "--epochs", "1", "--out", str(root / "own")]) == 0
+    return root / "llama", root / "own" / "best.pt"
+
+
+def _weights(path):
+    return revnets.checkpoint.load(path)["model"]
+
+
+@pytest.mark.parametrize("source", ["hf", "own"])
+def test_a_converted_distilled_run_resumes_bitwise_and_its_model_generates(saved, source, tmp_path, capsys):
+    from revnets.cli import main
+    path = saved[0] if source == "hf" else saved[1]
+    flags = [*RUN, "--init-from", str(path), "--convert", "leapfrog", "--distill", "--epochs", "3"]
+    assert main([*flags, "--out", str(tmp_path / "whole")]) == 0
+    from revnets.training import run as run_module
+
+    def killed(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+    config = revnets.cli.train.parse_config([*flags[1:], "--out", str(tmp_path / "cut")])
+    with pytest.raises(KeyboardInterrupt):
+        run_module.train(config, on_epoch=killed)
+    assert main(["train", "--resume", str(tmp_path / "cut")]) == 0
+    whole, cut = _weights(tmp_path / "whole" / "last.pt"), _weights(tmp_path / "cut" / "last.pt")
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
+    model = revnets.load(tmp_path / "whole" / "best.pt")
+    chain = model.net.model.layers if source == "hf" else model.net.blocks
+    assert isinstance(chain, revnets.ReversibleChain) and type(chain[0]).__name__ == "LeapfrogLayer"
+    assert chain[0].start == "fixed-point"  # the reference's start, the default with --convert
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tmp_path / "whole" / "best.pt"), "--prompt", "And", "--tokens",
+                 "12", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == model.generate("And", 12, temperature=0) + "\n"
+
+
+def test_distillation_steps_on_the_kl_from_the_teacher_and_keeps_none_of_its_activations():
+    from revnets.training import train_step
+    torch.manual_seed(0)
+    teacher = llama(2).double().eval().requires_grad_(False)
+    student = hf.reversible(llama(2).double(), "midpoint")
+    student.load_state_dict(teacher.state_dict())
+    x = tokens()
+    y = x.roll(-1, 1)
+    opt = torch.optim.SGD(student.parameters(), lr=1.0)
+    before = [p.detach().clone() for p in student.parameters()]
+    train_step(student, opt, x, y, teacher=teacher)
+    ref = hf.reversible(llama(2).double(), "midpoint", memory_efficient=False)
+    ref.load_state_dict(teacher.state_dict())
+    p_teacher = teacher(x).logits.flatten(0, 1).softmax(-1)
+    log_student = ref(x).logits.flatten(0, 1).log_softmax(-1)
+    (p_teacher * (p_teacher.log() - log_student)).sum(-1).mean().backward()  # KL(teacher || student) per token
+    for b, p, r in zip(before, student.parameters(), ref.parameters()):
+        torch.testing.assert_close(b - p.detach(), r.grad, rtol=1e-8, atol=1e-12)  # SGD, lr 1: the step is the gradient
+    from revnets import memory
+    bare = memory.saved_bytes(student, lambda: student(x).logits.sum())[0]
+    with_teacher = memory.saved_bytes(student, lambda: (student(x).logits.sum(), teacher(x)))[0]
+    assert with_teacher == bare  # the teacher runs without a graph
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--convert", "leapfrog"], "--convert works on the model of --init-from"),
+    (["--distill"], "--distill works on the model of --init-from"),
+    (["--init-from", "{llama}", "--convert", "resnet"], "--convert needs a reversible scheme with a transformer layer"),
+    (["--init-from", "{llama}", "--context", "8"], "--context: not a setting of a Hugging Face model"),
+    (["--init-from", "{llama}", "--init", "rest"], "--h, --init: not a setting of a Hugging Face model that is not"),
+    (["--init-from", "/nonexistent"], "--init-from /nonexistent: no such checkpoint file or Hugging Face model"),
+    (["--init-from", "{llama}", "--convert", "revnet", "--h", "0.5"], "the revnet scheme has no step size h"),
+])
+def test_bad_conversions_exit_2_with_one_line_and_write_nothing(saved, tmp_path, capsys, flags, message):
+    from revnets.cli import main
+    flags = [f.format(llama=saved[0]) for f in flags]
+    assert main([*RUN, *flags, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_an_image_run_refuses_text_conversion(tmp_path, capsys):
+    from revnets.cli import main
+    assert main(["train", "--convert", "leapfrog", "--out", str(tmp_path / "run")]) == 2
+    assert "--convert: not a setting of image runs" in capsys.readouterr().err

@@ -8,7 +8,7 @@ keeps its results and goes on after a kill (`revnets.training`).
 import argparse
 
 from ..inference import LEVELS
-from ..layers import MLPS
+from ..layers import INITS, MLPS
 from ..models import MODELS
 from ..training import settings, train
 from ..training.data import DATASETS
@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--mlp", choices=MLPS, help="text: the layers' MLP, standard or symmetric (Eq. 7's K^T s(K y)) "
                                   "(default: standard)")
     a("--dropout", type=float, help="text: dropout of the transformer (default: 0)")
+    a("--init", choices=INITS, help="text: where a two-step scheme starts: at rest or from the fixed point before "
+                                    "the first layer (default: rest; fixed-point with --convert)")
     a("--segment", help="store the state every K blocks ('auto': K from the measured drift; default: never)")
     a("--exact", action="store_true", help="fixed-point state: bit-exact reversal at any depth")
     a("--plain", action="store_true", help="store activations (plain autograd) instead of rebuilding them")
@@ -72,7 +74,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                          f"end held out, in (0, 1) (default: {d['val_fraction'].default})")
     a("--out", help="run directory (default: runs/<dataset>-<model>-seed<seed>)")
     a("--resume", metavar="DIR", help="continue the run in DIR from its last.pt (default: a new run)")
-    a("--init-from", metavar="CKPT", help="start a new run from the weights of a checkpoint (default: random)")
+    a("--init-from", metavar="CKPT", help="start a new run from the weights of a checkpoint, or for text of a "
+                                          "Hugging Face model directory (save_pretrained; default: random)")
+    a("--convert", metavar="SCHEME", help="text: train the --init-from model with its layers run as SCHEME ("
+                                          "midpoint, leapfrog, hamiltonian, revnet; default: as it is)")
+    a("--distill", action="store_true", help="text: fit the --init-from model's next-token distribution (KL) "
+                                             "instead of the text's tokens")
     a("--drift-every", type=int, metavar="K", help="measure reversal drift every K steps (default: 0, off)")
     a("--drift-threshold", type=float, help="warn when a chain's reversal error exceeds this "
                                             f"(default: {d['drift_threshold'].default})")

@@ -32,7 +32,7 @@ from .. import checkpoint, inference
 from ..analysis import DriftMonitor
 from ..models import model_scheme
 from ..multilevel import grow
-from . import distributed
+from . import distributed, sources
 from .progress import EpochBar, MetricsCSV, tensorboard_writer
 from .rundir import RUN_FILES, RunDir
 from .settings import Config, growths, model_name
@@ -98,11 +98,12 @@ class Run:
         self.task = TASKS[config.task](config, self.device, self.rank, self.world)
         self.start, self.best, self.best_epoch, self.wall, self.times = 0, worst(self.task.higher), 0, 0.0, []
         torch.manual_seed(config.seed)
-        self.record = self.task.record(growths(config, self.resumed["epoch"]) if self.resumed else 0)
+        self.record = self._record()
         self.net = self._placed(inference.build_network(self.record))
         self.task.check(self.net)
         if config.init_from and not self.resumed:  # a resumed run has its own weights
-            self._init_from(config.init_from)
+            checkpoint.load_state(self.net, sources.weights(config.init_from), config.init_from)
+        self.teacher = sources.teacher(config.init_from, self.device) if config.distill else None
         self.model = distributed.wrap(self.net, self.device, self.world, config.compile)
         self.opt = self.task.optimizer(self.net.parameters())
         self.sched = make_schedule(config, self.opt, self.task.steps_per_epoch)
@@ -118,17 +119,18 @@ class Run:
         net = net.to(self.device)
         return net.to(memory_format=torch.channels_last) if self.config.channels_last else net
 
-    def _init_from(self, path: str) -> None:
-        state = checkpoint.load(path)["model"]
-        checkpoint.check_finite(state, f"--init-from {path}")
-        checkpoint.load_state(self.net, state, path)
+    def _record(self) -> dict:
+        """The model record: a resumed run's own (its model as saved, grown as often), else the task's."""
+        saved = inference.record_of(self.resumed, self.dir.last) if self.resumed else None
+        if saved is None:
+            return self.task.record(growths(self.config, self.resumed["epoch"]) if self.resumed else 0)
+        if _plain(self.task.interface()) != _plain({k: saved.get(k) for k in self.task.interface()}):
+            raise ValueError(f"{self.config.data_dir or self.config.dataset} gives other data (classes, image size "
+                             f"or vocabulary) than the run's {self.dir.last}")
+        return saved
 
     def _restore(self, ckpt: dict) -> None:
         path = self.dir.last
-        old = inference.record_of(ckpt, path)
-        if old is not None and _interface(old) != _interface(self.record):
-            raise ValueError(f"{self.config.data_dir or self.config.dataset} gives other data (classes, image size "
-                             f"or vocabulary) than the run's {path}")
         checkpoint.load_state(self.net, ckpt["model"], path)
         try:
             self.opt.load_state_dict(ckpt["optimizer"])
@@ -170,7 +172,7 @@ class Run:
         for i, (x, y) in enumerate(self.task.batches(epoch)):
             try:
                 loss, out = train_step(self.model, self.opt, x, y, smoothness=c.smoothness or 0.0, amp=c.amp,
-                                       scaler=self.scaler, net=self.net)
+                                       scaler=self.scaler, net=self.net, teacher=self.teacher)
             except NonFiniteError as e:
                 bar.close()
                 raise self._fault(e.what, f"at epoch {epoch + 1}, step {i + 1} of {n}") from None
@@ -284,10 +286,10 @@ class Run:
         return summary
 
 
-def _interface(rec: dict) -> dict:
-    """What a model record says of the data (classes, image size, vocabulary), for comparison."""
+def _plain(interface: dict) -> dict:
+    """A record's interface (classes, image size, vocabulary, ...) in plain values, for comparison."""
     return {k: (v.tolist() if isinstance(v, torch.Tensor) else list(v) if isinstance(v, tuple) else v)
-            for k, v in rec.items() if k not in ("model", "overrides", "grown", "memory_efficient")}
+            for k, v in interface.items()}
 
 
 def _params(model: nn.Module) -> int:

@@ -28,8 +28,10 @@ import torch
 
 from .. import __version__
 from ..inference import LEVELS, MODEL_FLAGS, model_overrides
-from ..layers import MLPS
+from ..layers import INITS, MLPS
 from ..models import build_model, model_scheme, spec
+from ..schemes import SCHEMES, get_scheme
+from . import sources
 from .data import DATASETS
 from .step import AMP_DTYPES
 
@@ -44,7 +46,7 @@ RECIPES = {"image": _IMAGE,
 # The settings only one task has: given to a run of the other task, they are refused.
 TASK_FIELDS = {"image": ("download", "units", "channels", "norm", "momentum", "smoothness", "channels_last",
                          "train_fraction"),
-               "text": ("level", "context", "mlp", "dropout", "steps_per_epoch")}
+               "text": ("level", "context", "mlp", "dropout", "steps_per_epoch", "init", "convert", "distill")}
 SCHEDULES = ("step", "cosine", "onecycle", "warmup")
 NORMS = ("batch", "none")
 PLACE = ("resume", "device", "out")  # where a run goes on, not what it computes: free to change on resume
@@ -67,6 +69,7 @@ class Config:
     context: int | None = None
     mlp: str | None = None
     dropout: float | None = None
+    init: str | None = None
     segment: str | None = None
     exact: bool = False
     plain: bool = False
@@ -90,6 +93,8 @@ class Config:
     out: str | None = None
     resume: str | None = None
     init_from: str | None = None
+    convert: str | None = None
+    distill: bool = False
     drift_every: int = 0
     drift_threshold: float = 1e-3
     grow_at: tuple[int, ...] = field(default_factory=tuple)
@@ -102,6 +107,11 @@ class Config:
         if given:
             raise ValueError(f"{', '.join(map(_flag, given))}: not a setting of {self.task} runs "
                              f"(--dataset {self.dataset})")
+        if self.model is None and self.init_from and (self.convert or sources.is_hf(self.init_from)):
+            self.model = sources.model_name(self.init_from)  # the model of the weights the run starts from
+        layer = get_scheme(self.convert).layer if self.convert else None
+        if self.init is None and layer is not None and layer.two_step:
+            self.init = "fixed-point"  # a converted model starts as Gal et al. retrofit it
         recipe = RECIPES["stl10" if self.dataset == "stl10" else self.task]
         if self.milestones is None and self.epochs is not None:  # the recipe's decays at the same share of the run
             self.milestones = tuple(sorted({max(1, round(m * self.epochs / recipe["epochs"])) for m in recipe["milestones"]}))
@@ -123,15 +133,17 @@ class Config:
 
     def validate(self) -> None:
         """ValueError (FileNotFoundError for paths) naming the first setting that cannot run."""
-        scheme = model_scheme(self.model)  # ValueError naming the registered models
-        kind = spec(self.model)["kind"]
+        self.check_source()
+        scheme = get_scheme(self.convert) if self.convert else \
+            model_scheme(self.model) if self.model != sources.HF else None  # ValueError naming the registered models
+        kind = spec(self.model)["kind"] if self.model != sources.HF else "text"
         if kind != self.task:
             raise ValueError(f"--model {self.model} is a{'n image' if kind == 'image' else ' text'} model; "
                              + ("--dataset text trains language models (e.g. leapfrog-lm-small)" if self.task == "text"
                                 else "language models train with --dataset text"))
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("amp", self.amp, AMP_DTYPES)
-        for key, valid in (("norm", NORMS), ("level", LEVELS), ("mlp", MLPS)):
+        for key, valid in (("norm", NORMS), ("level", LEVELS), ("mlp", MLPS), ("init", INITS)):
             if getattr(self, key) is not None:
                 _choice(key, getattr(self, key), valid)
         for key, low in (("epochs", 1), ("batch_size", 1), ("seed", 0), ("drift_every", 0), ("steps_per_epoch", 1),
@@ -159,7 +171,7 @@ class Config:
             raise ValueError(f"--milestones must be increasing positive epochs; got {self.milestones}")
         if self.segment is not None and self.segment != "auto" and not (self.segment.isdigit() and int(self.segment)):
             raise ValueError(f"--segment must be 'auto' or a positive number of blocks; got {self.segment!r}")
-        if self.grow_at and not scheme.has_step:
+        if self.grow_at and not (scheme and scheme.has_step and self.model != sources.HF):
             raise ValueError(f"--grow-at halves the step size h, which {self.model} does not have")
         if any(not 1 <= g < self.epochs for g in self.grow_at):
             raise ValueError(f"--grow-at epochs must lie in [1, {self.epochs}); got {self.grow_at}")
@@ -168,11 +180,34 @@ class Config:
             raise FileNotFoundError(f"--data-dir {self.data_dir} does not exist")
         if self.task == "text" and self.data_dir is None:
             raise ValueError("--dataset text needs --data-dir FILE_OR_DIR (UTF-8 text)")
-        if self.init_from is not None and self.resume is None and not Path(self.init_from).is_file():
-            raise ValueError(f"--init-from {self.init_from}: no such checkpoint file")
+
+    def check_source(self) -> None:
+        """The checks of --init-from, --convert and --distill: a source that exists; conversion and
+        distillation only from one, conversion into a reversible scheme with a transformer layer; a
+        Hugging Face model takes no sizes of the library's own models."""
+        if self.init_from is not None and self.resume is None and not (
+                Path(self.init_from).is_file() or sources.is_hf(self.init_from)):
+            raise ValueError(f"--init-from {self.init_from}: no such checkpoint file or Hugging Face model directory")
+        for key in ("convert", "distill"):
+            if getattr(self, key) and self.init_from is None:
+                raise ValueError(f"{_flag(key)} works on the model of --init-from CHECKPOINT_OR_HF_DIR, which is missing")
+        if self.convert:
+            record = get_scheme(self.convert)
+            if not (record.reversible and record.layer is not None):
+                raise ValueError(f"--convert needs a reversible scheme with a transformer layer ("
+                                 f"{', '.join(s for s, r in SCHEMES.items() if r.reversible and r.layer)}); got "
+                                 f"{self.convert!r}")
+        if self.model == sources.HF:
+            given = [k for k in ("context", "mlp", "segment", "exact") if getattr(self, k)] + (
+                ["h", "init"] if not self.convert and (self.h or self.init) else [])
+            if given:
+                raise ValueError(f"{', '.join(map(_flag, given))}: not a setting of a Hugging Face model"
+                                 f"{'' if self.convert else ' that is not converted (--convert)'}")
 
     def check_model(self) -> None:
         """Build the model on the meta device (no memory): its own checks of every model setting."""
+        if self.model == sources.HF:
+            return  # checked when the run builds it from the source's config
         size = dict(vocab_size=256) if self.task == "text" else {}
         try:
             with torch.device("meta"):
@@ -181,8 +216,9 @@ class Config:
             raise ValueError(f"--model {self.model}: {e}") from None
 
     def overrides(self) -> dict:
-        """The model settings of this run, as `build_model` takes them."""
-        return model_overrides(asdict(self))
+        """The model settings of this run, as `build_model` (or `revnets.hf.reversible`) takes them:
+        the model flags given, and --convert's scheme."""
+        return model_overrides(asdict(self)) | ({"scheme": self.convert} if self.convert else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
@@ -211,8 +247,9 @@ def model_name(config: Config | dict) -> str:
     ``hamiltonian-74 (units 1-1-1, h 0.05)``."""
     c = asdict(config) if isinstance(config, Config) else config
     parts = [f"{k} {'-'.join(map(str, c[k])) if isinstance(c[k], (list, tuple)) else c[k]}"
-             for k in MODEL_FLAGS if k not in ("segment", "exact") and c.get(k) is not None]
-    return f"{c['model']} ({', '.join(parts)})" if parts else c["model"]
+             for k in (*MODEL_FLAGS, "convert") if k not in ("segment", "exact") and c.get(k) is not None]
+    model = f"Hugging Face model {c['init_from']}" if c["model"] == sources.HF else c["model"]
+    return f"{model} ({', '.join(parts)})" if parts else model
 
 
 def changed_settings(saved: dict, config: Config) -> dict[str, tuple]:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..inference import logits
 from ..networks import smoothness_penalty
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -30,19 +31,27 @@ def autocast(device: torch.device, amp: str):
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
                smoothness: float = 0.0, amp: str = "off", scaler: torch.amp.GradScaler | None = None,
-               net: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step on cross-entropy + `smoothness` * Eq. (22)'s penalty; returns (loss (), logits).
+               net: nn.Module | None = None, teacher: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on cross-entropy + `smoothness` * Eq. (22)'s penalty, or with a `teacher` on
+    the KL divergence from the teacher's distribution to the model's (distillation: per target, the
+    teacher run without a graph); returns (cross-entropy (), logits).
 
     x: a batch on the model's device (images (b, C, H, W) float32, or tokens (b, T)); y: its targets,
-    (b,) classes or (b, T) next tokens, int64; logits (b, K) or (b, T, K). `net` is the module whose
-    weights the penalty reads (the model itself unless `model` wraps it, as DDP or torch.compile do).
+    (b,) classes or (b, T) next tokens, int64; logits (b, K) or (b, T, K) (a model may return an
+    output with `.logits`, as Hugging Face models do). `net` is the module whose weights the penalty
+    reads (the model itself unless `model` wraps it, as DDP or torch.compile do).
     NonFiniteError ("loss" or "gradient") before the optimiser moves when either is NaN or infinite;
     with an fp16 `scaler`, infinite gradients are the scaler's to skip, as AMP intends.
     """
     with autocast(x.device, amp):
-        logits = model(x)
-        loss = F.cross_entropy(logits.flatten(0, -2), y.flatten())
-    total = loss + smoothness * smoothness_penalty(net or model) if smoothness else loss
+        out = logits(model(x)).flatten(0, -2)
+        loss = F.cross_entropy(out, y.flatten())
+        if teacher is not None:
+            with torch.no_grad():
+                target = _log_probs(logits(teacher(x)).flatten(0, -2))
+            fit = F.kl_div(_log_probs(out), target, log_target=True, reduction="batchmean")
+    total = fit if teacher is not None else loss
+    total = total + smoothness * smoothness_penalty(net or model) if smoothness else total
     opt.zero_grad(set_to_none=True)
     scaling = scaler is not None and scaler.is_enabled()
     (scaler.scale(total) if scaling else total).backward()
@@ -57,7 +66,12 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
         scaler.update()
     else:
         opt.step()
-    return loss.detach(), logits.detach()
+    return loss.detach(), out.view(*y.shape, -1).detach()
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log softmax in float32 at least (bf16 and fp16 logits are upcast)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
 
 
 @torch.no_grad()
@@ -73,9 +87,9 @@ def totals(model: nn.Module, batches, amp: str = "off") -> torch.Tensor:
     loss_sum, correct, images = 0, 0, 0
     for x, y in batches:
         with autocast(x.device, amp):
-            logits = model(x)
-        loss_sum = loss_sum + F.cross_entropy(logits.float(), y, reduction="sum").double()
-        correct = correct + (logits.argmax(dim=1) == y).sum()
+            out = model(x)
+        loss_sum = loss_sum + F.cross_entropy(out.float(), y, reduction="sum").double()
+        correct = correct + (out.argmax(dim=1) == y).sum()
         images += len(y)
     if images == 0:
         raise ValueError("the loader yielded no images to evaluate")

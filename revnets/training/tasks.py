@@ -24,7 +24,7 @@ from .distributed import all_reduce
 from .progress import duration
 from .settings import Config
 from .step import autocast, totals
-from . import data, text
+from . import data, sources, text
 
 
 class ImageTask:
@@ -46,11 +46,15 @@ class ImageTask:
         self.test_loader = data.Loader(self.ds.test_x, self.ds.test_y, config.batch_size, train=False, **common)
         self.steps_per_epoch = len(self.train_loader)
 
+    def interface(self) -> dict:
+        """What a model of this data needs to be used: classes, input channels and size, standardisation."""
+        mean, std = self.stats
+        return dict(classes=list(self.ds.classes), in_channels=self.ds.train_x.shape[1],
+                    image_size=tuple(self.ds.train_x.shape[2:]), mean=mean.float().cpu(), std=std.float().cpu())
+
     def record(self, grown: int) -> dict:
-        c, (mean, std) = self.config, self.stats
-        return inference.record(c.model, c.overrides(), "image", not c.plain, grown, classes=list(self.ds.classes),
-                                in_channels=self.ds.train_x.shape[1], image_size=tuple(self.ds.train_x.shape[2:]),
-                                mean=mean.float().cpu(), std=std.float().cpu())
+        c = self.config
+        return inference.record(c.model, c.overrides(), "image", not c.plain, grown, **self.interface())
 
     def check(self, net: nn.Module) -> None:
         """ValueError if the dataset's images do not fit the network."""
@@ -121,17 +125,31 @@ class TextTask:
         self.data = text.load_text(config.data_dir, config.level, config.val_fraction)
         self.steps_per_epoch = config.steps_per_epoch
 
+    def interface(self) -> dict:
+        """What a model of this text needs to be used: its vocabulary."""
+        return dict(vocab=self.data.vocab.state())
+
     def record(self, grown: int) -> dict:
+        """The record of the run's model: the source's (--init-from) in the scheme of --convert, or
+        the registered model's; with the run's vocabulary."""
         c = self.config
-        return inference.record(c.model, c.overrides(), "text", not c.plain, grown, vocab=self.data.vocab.state())
+        if c.model == sources.HF or c.convert:
+            source = sources.record(c.init_from)
+            return {**source, "overrides": {**source["overrides"], **c.overrides()}, "memory_efficient": not c.plain,
+                    "grown": grown, **self.interface()}
+        return inference.record(c.model, c.overrides(), "text", not c.plain, grown, **self.interface())
 
     def check(self, net: nn.Module) -> None:
-        """ValueError if a window of the model's context is longer than the held-out text; else the
-        batches are windows of that context."""
-        if net.context > len(self.data.val) - 1:
-            raise ValueError(f"--context {net.context} is longer than the held-out text ({len(self.data.val) - 1} "
+        """ValueError if the model's vocabulary has fewer tokens than the text's or a window of its
+        context is longer than the held-out text; else the batches are windows of that context."""
+        context, tokens = inference.text_sizes(net)
+        if tokens < len(self.data.vocab):
+            raise ValueError(f"the model reads {tokens} tokens, fewer than the {len(self.data.vocab)} of "
+                             f"{self.config.data_dir} at --level {self.config.level}")
+        if context > len(self.data.val) - 1:
+            raise ValueError(f"--context {context} is longer than the held-out text ({len(self.data.val) - 1} "
                              "tokens to predict); use a shorter --context or more text")
-        self.context = net.context
+        self.context = context
 
     def optimizer(self, params) -> torch.optim.Optimizer:
         c = self.config
@@ -152,7 +170,7 @@ class TextTask:
     def evaluate(self, net: nn.Module) -> dict:
         net.eval()
         with autocast(self.device, self.config.amp):
-            return dict(val_bpc=text.bits_per_char(net, self.data.val, self.data.tokens_per_char, net.context))
+            return dict(val_bpc=text.bits_per_char(net, self.data.val, self.data.tokens_per_char, self.context))
 
     @staticmethod
     def score(row: dict) -> float:

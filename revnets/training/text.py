@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..inference import Vocabulary
+from ..inference import Vocabulary, logits
 
 def read_text(path: str | Path) -> str:
     """The text of a file, or of every file under a directory joined in path order.
@@ -96,6 +96,6 @@ def bits_per_char(model: nn.Module, tokens: Tensor, tokens_per_char: float, cont
     pieces = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     if rest:
         pieces.append((tokens[n:n + rest][None], tokens[n + 1:][None]))
-    nats = sum(F.cross_entropy(model(a.to(device)).flatten(0, 1).float(), b.to(device).flatten(),
+    nats = sum(F.cross_entropy(logits(model(a.to(device))).flatten(0, 1).float(), b.to(device).flatten(),
                                reduction="sum").double() for a, b in pieces)
     return nats.item() / (len(tokens) - 1) / math.log(2) * tokens_per_char
