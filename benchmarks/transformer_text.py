@@ -1,32 +1,39 @@
-"""Reversible transformers on real text: every scheme with one shared CPU budget, and memory in depth.
+"""Language models on the King James Bible at a budget where they learn words: trained from scratch,
+converted from a trained residual model, and against per-layer checkpointing.
 
-    OMP_NUM_THREADS=1 python benchmarks/transformer_text.py    # about 20 minutes of one core
-    OMP_NUM_THREADS=1 python benchmarks/transformer_text.py --record    # also append the tables to BENCHMARKS.md
+    OMP_NUM_THREADS=1 nohup python benchmarks/transformer_text.py > kjv.log &  # hours of one core; resumes
+    OMP_NUM_THREADS=1 python benchmarks/transformer_text.py --record   # the same, then BENCHMARKS.md
+    python benchmarks/transformer_text.py --smoke --out /tmp/smoke     # every part tiny, in seconds (tests)
 
-Text: the King James Bible of Debian's `bible-kjv-text` (installed with apt-get when missing; the
-`bible` program of `bible-kjv` decodes it), character level, the last 10% held out. Every scheme
-trains a model of about 0.24M parameters (6 blocks, 4 heads, context 64, width 56, the standard
-MLP), and Hamiltonian and Leapfrog also with Eq. (7)'s symmetric MLP (`mlp="symmetric"`, width 68:
-its block holds 2/3 of the standard block's weights at equal width; parameters within 1%), on the
-same batches (16 windows) for the same number of AdamW steps, at each of two learning rates from
-the first initialisation seed, then from the other seeds at the better one; validation bits per
-character every STEPS / 10 steps on the first 8,192 held-out characters (mean and range over the
-seeds, and the mean curve read at the steps the model makes in `residual`'s time), and
-the reversal error of the trained chain (`engine.segment_error`, on held-out windows) and of the
-untrained one at depths 24 and 96. Then, in a fresh process per configuration, one training step
-at depths 6, 24 and 96 (batch 32): bytes
-of the activations autograd saves (saved_tensors_hooks) and the peak of the process's resident
-memory during the step above its resident memory before it (Linux VmHWM, reset through
-/proc/self/clear_refs), with glibc's default malloc and with a fixed mmap threshold; and the
-step time of each scheme against `residual` at depth 24 (steps interleaved, the process's CPU
-time, best and median of 15). Writes
-docs/figures/transformers.json and docs/figures/transformers-bpc.png and prints the tables.
+Text: Debian's `bible-kjv-text` (installed with apt-get when missing; `bible` decodes it), character
+level, the last 1% held out (43,000 characters of Revelation: bits per character on all of it
+after every 100 steps). Model: a Llama (RMSNorm, rotary positions, SwiGLU MLP, grouped-query
+attention; `transformers.LlamaForCausalLM`, 6 layers of width 128, 4 heads, 2 key-value heads,
+MLP 352, tied embeddings: 1.12M parameters), made reversible by `revnets.hf` at equal parameters.
+Every model trains through `revnets train` (the library's run: AdamW, warm-up and cosine decay),
+16 windows of 128 characters a step.
+
+  1. From scratch: the randomly initialised Llama of each seed (saved with `save_pretrained`) trained
+     as it is (the residual network) and converted into each scheme (`--convert`, starting at rest)
+     for STEPS steps at lr 3e-3; seed 0 for every scheme, seeds 1 and 2 for the residual model and
+     the reversible scheme that did best on seed 0.
+  2. Conversion: the residual model of seed 0 converted into each scheme (Leapfrog from both starts,
+     `--init rest` and `fixed-point`; MidPoint's two starts are one function), its bits per
+     character right after conversion, then FINETUNE steps at lr 1e-3 with cross-entropy and with
+     distillation (`--distill`), against the residual model trained FINETUNE steps more: the share
+     of the conversion's gap each closes.
+  3. Memory and time at depths 6, 24 and 96: bytes autograd saves for the backward and the step's
+     CPU time (best and median of interleaved steps, one thread) of each scheme against the
+     residual model with and without per-layer checkpointing
+     (`gradient_checkpointing_enable`, torch.utils.checkpoint).
+
+Runs live in --out (one directory each: a finished run is read, a killed one resumed), so a cut
+benchmark goes on where it stopped. Writes docs/figures/transformers.json and the figure
+docs/figures/transformers-bpc.png (bits per character against step and against CPU time, the time
+axis each scheme's step CPU time at depth 6 from part 3).
 """
 import argparse
 import json
-import math
-import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -34,36 +41,19 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common import ROOT, markdown, record
 
-from revnets import checkpoint, engine, plot
-from revnets.memory import saved_bytes
-from revnets.text import batch, bits_per_char, load_text
-from revnets.transformer import SCHEMES, ReversibleTransformer
+from revnets import checkpoint, inference, memory
+from revnets.cli.train import parse_config
+from revnets.hf import reversible
+from revnets.training import train, train_step
+from revnets.training.text import bits_per_char, load_text
 
-SIZE = dict(heads=4, context=64)
-# name -> (scheme, mlp, width): parameters within 1% of each other
-MODELS = {**{s: (s, "standard", 56) for s in SCHEMES},
-          **{f"{s}/symmetric": (s, "symmetric", 68) for s in ("hamiltonian", "leapfrog")}}
-BATCH, TRAIN_BATCH = 32, 16
-
-
-def lm(name: str, vocab_size: int, depth: int) -> ReversibleTransformer:
-    """The shared size of `MODELS[name]` at `depth`."""
-    scheme, mlp, width = MODELS[name]
-    return ReversibleTransformer(vocab_size, width, depth, scheme=scheme, mlp=mlp, **SIZE)
-
-
-@torch.no_grad()
-def reversal_error(model: ReversibleTransformer, tokens: torch.Tensor) -> float | None:
-    """`engine.segment_error` of the model's chain on `tokens` (None for `residual`)."""
-    if model.scheme == "residual":
-        return None
-    return engine.segment_error(model.blocks, *model.chain_input(tokens))
+SCHEMES = ("midpoint", "leapfrog", "hamiltonian", "revnet")
+SIZE = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2)
+SMOKE = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
 
 
 def kjv(path: Path) -> Path:
@@ -77,177 +67,213 @@ def kjv(path: Path) -> Path:
     return path
 
 
-def lr_at(step: int, steps: int, lr: float) -> float:
-    """Linear warm-up over 10% of the steps, then cosine decay to lr / 10."""
-    warm = max(1, steps // 10)
-    if step < warm:
-        return lr * (step + 1) / warm
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / (steps - warm))))
+def llama(vocab: int, context: int, sizes: dict, depth: int | None = None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    sizes = dict(sizes, **({"num_hidden_layers": depth} if depth else {}))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, max_position_embeddings=context, tie_word_embeddings=True,
+                                        **sizes))
 
 
-def train(name: str, data, steps: int, lr: float, val, seed: int) -> dict:
-    torch.manual_seed(seed)
-    model = lm(name, len(data.vocab), 6)
-    opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(0)  # the same batches for every scheme
-    curve, t0 = [], time.perf_counter()
-    for step in range(steps + 1):
-        if step % (steps // 10) == 0:
-            model.eval()
-            curve.append((step, bits_per_char(model, val, data.tokens_per_char, SIZE["context"])))
-            model.train()
-            print(f"  {name} lr {lr:g} step {step}: {curve[-1][1]:.3f} bits/char", flush=True)
-        if step == steps:
-            break
-        x, y = batch(data.train, SIZE["context"], TRAIN_BATCH, gen)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    held_out = torch.stack([val[i:i + SIZE["context"]] for i in range(0, 8 * SIZE["context"], SIZE["context"])])
-    return dict(model=name, lr=lr, seed=seed, params=sum(p.numel() for p in model.parameters()), curve=curve,
-                val_bpc=curve[-1][1], train_s=time.perf_counter() - t0,
-                reversal_error_trained=reversal_error(model.eval(), held_out))
+def source(out: Path, seed: int, vocab: int, context: int, sizes: dict) -> Path:
+    """The randomly initialised Llama of `seed`, saved once with save_pretrained."""
+    path = out / f"llama-seed{seed}"
+    if not (path / "config.json").exists():
+        torch.manual_seed(seed)
+        llama(vocab, context, sizes).save_pretrained(path)
+    return path
 
 
-def step_once(model, x) -> None:
-    F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+def run(out: Path, name: str, flags: list[str]) -> dict:
+    """A `revnets train` run in out/name: its summary if it finished, else trained (resumed after a kill)."""
+    run_dir = out / name
+    if (run_dir / "summary.json").exists():
+        return json.loads((run_dir / "summary.json").read_text())
+    print(f"{name}: revnets train {' '.join(flags)}", flush=True)
+    argv = ["--resume", str(run_dir)] if (run_dir / "last.pt").exists() else [*flags, "--out", str(run_dir)]
+    return train(parse_config(argv))
 
 
-def memory(name: str, depth: int) -> dict:
-    """In a fresh process: saved activation bytes of one forward and peak memory growth of one step."""
-    torch.manual_seed(0)
-    model = lm(name, 80, depth)
-    x = torch.randint(0, 80, (BATCH, SIZE["context"] + 1), generator=torch.Generator().manual_seed(0))
-    before = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets the high-water mark VmHWM to VmRSS
-    step_once(model, x)
-    peak = _status_kib("VmHWM") - before
-    saved = saved_bytes(model, lambda: model(x[:, :-1]).sum())[0]
-    return dict(model=name, depth=depth, saved_mb=saved / 2**20, peak_mb=peak / 1024)
+def curve(out: Path, name: str) -> list[tuple[int, float]]:
+    """(step, validation bits per character) after every epoch of a run."""
+    import csv
+    with open(out / name / "metrics.csv", newline="") as f:
+        return [(int(r["step"]), float(r["val_bpc"])) for r in csv.DictReader(f)]
 
 
-def memory_in_child(name: str, depth: int) -> dict:
-    """`memory` in fresh processes, with glibc's malloc as configured by default and with a fixed
-    mmap threshold (64 KiB: freed large blocks go back to the system instead of staying resident)."""
-    def child(env: dict) -> dict:
-        done = subprocess.run([sys.executable, __file__, "--child", json.dumps(dict(name=name, depth=depth))],
-                              capture_output=True, text=True, check=True, env={**os.environ, **env})
-        return json.loads(done.stdout.splitlines()[-1])
-    row = child({"MALLOC_MMAP_THRESHOLD_": "65536"})
-    row["peak_mb_default_malloc"] = child({})["peak_mb"]
-    return row
+def from_scratch(args, out: Path, text: Path, vocab: int) -> dict[str, list[str]]:
+    """Part 1: {scheme: run names}, "residual" the model as it is."""
+    common = ["--dataset", "text", "--data-dir", str(text), "--val-fraction", "0.01", "--batch-size", "16",
+              "--steps-per-epoch", str(args.steps_per_epoch), "--epochs", str(args.steps // args.steps_per_epoch),
+              "--lr", "3e-3"]
+
+    def scratch(scheme: str, seed: int) -> str:
+        name = f"scratch-{scheme}-seed{seed}"
+        convert = [] if scheme == "residual" else ["--convert", scheme] + (
+            ["--init", "rest"] if scheme in ("midpoint", "leapfrog") else [])
+        run(out, name, [*common, "--init-from", str(source(out, seed, vocab, args.context, args.sizes)), *convert,
+                        "--seed", str(seed)])
+        return name
+    runs = {s: [scratch(s, args.seeds[0])] for s in ("residual", *SCHEMES)}
+    best = min(SCHEMES, key=lambda s: curve(out, runs[s][0])[-1][1])
+    for scheme in ("residual", best):
+        runs[scheme] += [scratch(scheme, seed) for seed in args.seeds[1:]]
+    return runs
 
 
-def _status_kib(key: str) -> int:
-    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+def converted_bpc(path: Path, overrides: dict, data) -> float:
+    """Bits per character of the checkpoint's model converted as `overrides` say, before any training."""
+    ckpt = checkpoint.load(path)
+    rec = inference.record_of(ckpt, path)
+    net = inference.build_network({**rec, "overrides": {**rec["overrides"], **overrides}})
+    checkpoint.load_state(net, ckpt["model"], path)
+    return bits_per_char(net.eval(), data.val, data.tokens_per_char, net.config.max_position_embeddings)
 
 
-def step_times(depth: int, rounds: int) -> dict[str, dict[str, float]]:
-    """ms of one training step per model: the best and the median of `rounds` steps, the models'
-    steps interleaved and timed by the process's CPU time (one thread; other jobs on the machine only
-    add time, so the best is the closest to the step's own cost, as `timeit` takes it)."""
-    torch.manual_seed(0)
-    models = {name: lm(name, 80, depth) for name in MODELS}
-    x = torch.randint(0, 80, (BATCH, SIZE["context"] + 1), generator=torch.Generator().manual_seed(0))
-    times = {name: [] for name in MODELS}
-    for r in range(rounds + 1):
-        for s, model in models.items():
-            t = time.process_time()
-            step_once(model, x)
-            if r:
-                times[s].append(1e3 * (time.process_time() - t))
-    return {s: dict(best=min(v), median=statistics.median(v)) for s, v in times.items()}
+def conversion(args, out: Path, text: Path, data, residual: str) -> list[dict]:
+    """Part 2: one row per (scheme, start): bits per character at conversion and after fine-tuning."""
+    trained = out / residual / "last.pt"
+    common = ["--dataset", "text", "--data-dir", str(text), "--val-fraction", "0.01", "--batch-size", "16",
+              "--steps-per-epoch", str(args.finetune), "--epochs", "1", "--lr", "1e-3", "--init-from", str(trained)]
+    more = run(out, "finetune-residual", common)["final_bpc"]
+    start = curve(out, residual)[-1][1]
+    rows = []
+    for scheme, init in [("midpoint", "fixed-point"), ("leapfrog", "fixed-point"), ("leapfrog", "rest"),
+                         ("hamiltonian", "rest"), ("revnet", "rest")]:
+        at_conversion = converted_bpc(trained, dict(scheme=scheme, init=init), data)
+        row = dict(scheme=scheme, init=init, residual=start, converted=at_conversion, residual_more=more)
+        for method, flags in (("ce", []), ("distill", ["--distill"])):
+            name = f"finetune-{scheme}-{init}-{method}"
+            row[method] = run(out, name, [*common, "--convert", scheme, "--init", init, *flags])["final_bpc"]
+            row[f"{method}_closed"] = 1 - (row[method] - more) / (at_conversion - start)
+        rows.append(row)
+        print(f"  {scheme} ({init}): {at_conversion:.3f} at conversion, {row['ce']:.3f} cross-entropy, "
+              f"{row['distill']:.3f} distillation; residual {start:.3f} -> {more:.3f}", flush=True)
+    return rows
 
 
-def figure(runs: list[dict], path: Path) -> None:
+def models_at(depth: int, vocab: int, context: int, sizes: dict) -> dict:
+    """The residual Llama at `depth`, with per-layer checkpointing, and converted into every scheme."""
+    models = {}
+    for name in ("residual", "checkpointed", *SCHEMES):
+        torch.manual_seed(0)
+        model = llama(vocab, context, sizes, depth)
+        if name == "checkpointed":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+        models[name] = reversible(model, name, init="rest") if name in SCHEMES else model
+    return models
+
+
+def memory_and_time(args, vocab: int) -> list[dict]:
+    """Part 3: saved bytes and step CPU time per model and depth, the models' steps interleaved."""
+    x = torch.randint(0, vocab, (16, args.context), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for depth, rounds in zip(args.depths, args.rounds):
+        models = models_at(depth, vocab, args.context, args.sizes)
+        opts = {n: torch.optim.AdamW(m.parameters(), 1e-4) for n, m in models.items()}
+        times = {n: [] for n in models}
+        for r in range(rounds + 1):
+            for n, model in models.items():
+                t = time.process_time()
+                train_step(model.train(), opts[n], x, x.roll(-1, 1))
+                if r:
+                    times[n].append(time.process_time() - t)
+        for n, model in models.items():
+            saved = memory.saved_bytes(model, lambda: model(x).logits.sum())[0]
+            rows.append(dict(model=n, depth=depth, saved_mb=saved / 2**20, step_s=min(times[n]),
+                             median_s=statistics.median(times[n])))
+        base = {k: next(r[k] for r in rows if r["depth"] == depth and r["model"] == "residual")
+                for k in ("step_s", "median_s")}
+        for row in rows[-len(models):]:
+            row.update(vs_residual=row["step_s"] / base["step_s"], vs_residual_median=row["median_s"] / base["median_s"])
+        print(f"  depth {depth}: " + ", ".join(f"{r['model']} {r['vs_residual']:.2f}x {r['saved_mb']:.1f} MB"
+                                              for r in rows[-len(models):]), flush=True)
+    return rows
+
+
+def figure(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for run in runs:
-        steps, bpc = zip(*run["curve_mean"])
-        ax.plot(steps, bpc, marker="o", ms=3, label=f"{run['model']} (lr {run['lr']:g})",
-                ls="--" if run["model"].endswith("symmetric") else "-")
-    ax.set(xlabel="training step", ylabel="validation bits per character",
-           title=f"KJV, character level, 0.24M parameters, 6 blocks; mean of {len(runs[0]['val_bpc_seeds'])} seeds")
-    ax.set_ylim(top=min(5, max(max(b for _, b in r["curve_mean"][1:]) for r in runs) + 0.1))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    plot.save_png(fig, path)
+    from revnets.files import save_png
+    step_s = {r["model"]: r["step_s"] for r in result["memory"] if r["depth"] == result["depth"]}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    for scheme, row in result["scratch"].items():
+        steps, bpc = zip(*row["mean_curve"])
+        for ax, x in ((axes[0], steps), (axes[1], [s * step_s[scheme] / 60 for s in steps])):
+            ax.plot(x, bpc, label=f"{scheme} ({len(row['seeds'])} seed{'s' if len(row['seeds']) > 1 else ''})")
+    axes[0].set(xlabel="training step", ylabel="held-out bits per character")
+    axes[1].set(xlabel="CPU minutes (one thread, steps x the step's CPU time)")
+    for ax in axes:
+        ax.set_ylim(top=min(4.5, ax.get_ylim()[1]))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"King James Bible, characters: a {result['params'] / 1e6:.2f}M-parameter Llama, as it is and "
+                 "made reversible")
+    save_png(fig, path)
+
+
+def scratch_table(out: Path, runs: dict) -> dict:
+    """Per scheme: final bits per character of each seed, their mean and range, the mean curve."""
+    table = {}
+    for scheme, names in runs.items():
+        curves = [curve(out, n) for n in names]
+        finals = [c[-1][1] for c in curves]
+        table[scheme] = dict(seeds=finals, mean=statistics.mean(finals), low=min(finals), high=max(finals),
+                             mean_curve=[(points[0][0], statistics.mean(b for _, b in points))
+                                         for points in zip(*curves)])
+    return table
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "kjv", help="where the runs live (default: runs/kjv)")
     p.add_argument("--text", type=Path, default=Path("/tmp/kjv.txt"), help="where the decoded KJV is kept")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--lr", type=float, nargs="+", default=[1e-3, 3e-3], help="each scheme's best is reported")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="initialisations; lr chosen on the first")
-    p.add_argument("--depths", type=int, nargs="+", default=[6, 24, 96])
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "figures")
-    p.add_argument("--record", action="store_true")
-    p.add_argument("--child")
+    p.add_argument("--steps", type=int, default=3000, help="training steps from scratch (default: 3000)")
+    p.add_argument("--finetune", type=int, default=300, help="fine-tuning steps after conversion (default: 300)")
+    p.add_argument("--record", action="store_true", help="append the tables to BENCHMARKS.md")
+    p.add_argument("--smoke", action="store_true", help="every part tiny, on tests/data/tiny.txt, in seconds")
     args = p.parse_args()
-    if args.child:
-        print(json.dumps(memory(**json.loads(args.child))))
-        return
+    args.seeds, args.context, args.sizes, args.steps_per_epoch = [0, 1, 2], 128, SIZE, 100
+    args.depths, args.rounds = [6, 24, 96], [9, 7, 3]
+    if args.smoke:
+        text, args.steps, args.finetune, args.steps_per_epoch = ROOT / "tests" / "data" / "tiny.txt", 4, 2, 2
+        args.seeds, args.context, args.sizes, args.depths, args.rounds = [0, 1], 16, SMOKE, [2, 4], [1, 1]
+    else:
+        text = kjv(args.text)
     torch.set_num_threads(1)
-    data = load_text(kjv(args.text), "char", val_fraction=0.1)
-    val = data.val[:8192]
-    print(f"KJV: {len(data.train):,} training / {len(data.val):,} held-out characters, vocabulary "
-          f"{len(data.vocab)}", flush=True)
-    tried = [train(name, data, args.steps, lr, val, args.seeds[0]) for name in MODELS for lr in args.lr]
-    runs = [min((r for r in tried if r["model"] == name), key=lambda r: r["val_bpc"]) for name in MODELS]
-    for run in runs:
-        seeds = [run] + [train(run["model"], data, args.steps, run["lr"], val, seed) for seed in args.seeds[1:]]
-        run["curve_mean"] = [(points[0][0], statistics.mean(bpc for _, bpc in points))
-                             for points in zip(*(r["curve"] for r in seeds))]
-        run["val_bpc_seeds"] = [r["val_bpc"] for r in seeds]
-        run.update(val_bpc_mean=statistics.mean(run["val_bpc_seeds"]), val_bpc_range=" to ".join(
-            f"{f(run['val_bpc_seeds']):.3f}" for f in (min, max)))
-    tokens = torch.randint(0, len(data.vocab), (8, SIZE["context"]), generator=torch.Generator().manual_seed(0))
-    for run in runs:
-        run["other_lr_bpc"] = ", ".join(f"{r['val_bpc']:.3f}" for r in tried if r["model"] == run["model"]
-                                        and r is not run)
-        for depth in (24, 96):
-            torch.manual_seed(0)
-            run[f"reversal_error_init_depth{depth}"] = reversal_error(lm(run["model"], len(data.vocab), depth), tokens)
-    mem = [memory_in_child(name, d) for d in args.depths for name in MODELS]
-    times = step_times(24, rounds=15)
-    for run in runs:
-        best, median = times[run["model"]].values()
-        run.update(step_ms_depth24=best, vs_residual=best / times["residual"]["best"],
-                   vs_residual_median=median / times["residual"]["median"])
-        steps, bpc = zip(*run["curve_mean"])  # the steps it makes in residual's time, on the mean curve
-        run["bpc_at_residual_time"] = float(np.interp(args.steps / run["vs_residual"], steps, bpc))
-    size = dict(SIZE, models=MODELS)
+    data = load_text(text, "char", val_fraction=0.01)
+    vocab = len(data.vocab)
+    print(f"text: {len(data.train):,} training / {len(data.val):,} held-out characters, vocabulary {vocab}", flush=True)
+    t0 = time.process_time()
+    runs = from_scratch(args, args.out, text, vocab)
+    scratch = scratch_table(args.out, runs)
+    rows = conversion(args, args.out, text, data, runs["residual"][0])
+    mem = memory_and_time(args, vocab)
+    params = sum(p.numel() for p in llama(vocab, args.context, args.sizes).parameters())
     result = dict(command="OMP_NUM_THREADS=1 python benchmarks/transformer_text.py " + " ".join(sys.argv[1:]),
-                  torch=torch.__version__, size=size, batch=TRAIN_BATCH, steps=args.steps, lrs=args.lr,
-                  runs=runs, tried=tried, memory=mem)
-    args.out.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write(args.out / "transformers.json", lambda f: f.write(json.dumps(result, indent=1) + "\n"),
-                            text=True)
-    figure(runs, args.out / "transformers-bpc.png")
-    three = ("val_bpc", "val_bpc_mean", "vs_residual", "vs_residual_median", "bpc_at_residual_time")
-    shown = [{k: f"{v:.3f}" if k in three else v for k, v in r.items()} for r in runs]
-    tables = (markdown(shown, ["model", "params", "lr", "val_bpc", "other_lr_bpc", "val_bpc_mean", "val_bpc_range",
-                               "train_s", "step_ms_depth24", "vs_residual", "vs_residual_median",
-                               "bpc_at_residual_time"]) + "\n\n"
-              + markdown(shown, ["model", "reversal_error_trained", "reversal_error_init_depth24",
-                                "reversal_error_init_depth96"]) + "\n\n"
-              + markdown(mem, ["model", "depth", "saved_mb", "peak_mb", "peak_mb_default_malloc"]))
+                  torch=torch.__version__, params=params, steps=args.steps, finetune=args.finetune,
+                  depth=args.sizes["num_hidden_layers"], scratch=scratch, conversion=rows, memory=mem,
+                  cpu_minutes_this_invocation=(time.process_time() - t0) / 60)
+    figures = ROOT / "docs" / "figures" if not args.smoke else args.out
+    figures.mkdir(parents=True, exist_ok=True)
+    (figures / "transformers.json").write_text(json.dumps(result, indent=1) + "\n")
+    figure(result, figures / "transformers-bpc.png")
+    scratch_rows = [dict(scheme=s, seeds=len(r["seeds"]), mean_bpc=f"{r['mean']:.3f}",
+                         range=f"{r['low']:.3f} to {r['high']:.3f}") for s, r in scratch.items()]
+    three = lambda v: f"{v:.3f}" if isinstance(v, float) else v  # noqa: E731
+    tables = (markdown(scratch_rows, ["scheme", "seeds", "mean_bpc", "range"]) + "\n\n"
+              + markdown([{k: three(v) for k, v in r.items()} for r in rows],
+                         ["scheme", "init", "residual", "converted", "ce", "ce_closed", "distill", "distill_closed",
+                          "residual_more"]) + "\n\n"
+              + markdown([{k: three(v) for k, v in r.items()} for r in mem],
+                         ["model", "depth", "saved_mb", "step_s", "vs_residual", "vs_residual_median"]))
     print(tables)
     if args.record:
-        record("Reversible transformers on the King James Bible", "cpu", tables,
-               f"OMP_NUM_THREADS=1. Sizes {json.dumps(size)}, {args.steps} AdamW steps of batch {TRAIN_BATCH} at "
-               f"each lr of {args.lr} from seed {args.seeds[0]}, then seeds {args.seeds[1:]} at the better one "
-               "(val_bpc: the first seed; val_bpc_mean and val_bpc_range: all seeds). "
-               f"Step time: depth 24, batch {BATCH}, CPU time, "
-               "best of 15 interleaved steps (vs_residual) and the ratio of medians (vs_residual_median). "
-               "Memory: one step in a fresh process, MB; peak_mb with MALLOC_MMAP_THRESHOLD_=65536. "
-               "Figure and reading: docs/transformers.md.")
+        record("Language models on the King James Bible: from scratch, converted, against checkpointing", "cpu",
+               tables, f"OMP_NUM_THREADS=1; {params:,}-parameter Llama (`revnets.hf`), {args.steps} steps from "
+               f"scratch of 16 x {args.context} characters at lr 3e-3, {args.finetune} fine-tuning steps at lr 1e-3; "
+               "bits per character on the last 1% of the text; step time: CPU time, best (and median) of interleaved "
+               "steps, batch 16. Reading: docs/transformers.md.")
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ class Config:
         if given:
             raise ValueError(f"{', '.join(map(_flag, given))}: not a setting of {self.task} runs "
                              f"(--dataset {self.dataset})")
-        if self.model is None and self.init_from and (self.convert or sources.is_hf(self.init_from)):
+        if self.model is None and self.init_from and self.task == "text":
             self.model = sources.model_name(self.init_from)  # the model of the weights the run starts from
         layer = get_scheme(self.convert).layer if self.convert else None
         if self.init is None and layer is not None and layer.two_step:

@@ -26,9 +26,11 @@ def model_name(path: str) -> str:
     """The model a source holds: "hf" for a Hugging Face directory, else its checkpoint record's name."""
     if is_hf(path):
         return HF
+    if not Path(path).is_file():
+        raise ValueError(f"--init-from {path}: no such checkpoint file or Hugging Face model directory")
     rec = inference.record_of(checkpoint.load(path), path)
     if rec is None:
-        raise ValueError(f"--init-from {path}: a checkpoint without a model record cannot be converted")
+        raise ValueError(f"--init-from {path}: a checkpoint without a model record (saved before 2026-12-01)")
     return rec["model"]
 
 

@@ -130,11 +130,13 @@ class TextTask:
         return dict(vocab=self.data.vocab.state())
 
     def record(self, grown: int) -> dict:
-        """The record of the run's model: the source's (--init-from) in the scheme of --convert, or
-        the registered model's; with the run's vocabulary."""
+        """The record of the run's model: the source's (--init-from; in the scheme of --convert), its
+        settings overridden by the run's model flags, or the registered model's; with the run's vocabulary."""
         c = self.config
-        if c.model == sources.HF or c.convert:
+        if c.init_from:
             source = sources.record(c.init_from)
+            if source["kind"] != "text":
+                raise ValueError(f"--init-from {c.init_from} holds an image model, not a language model")
             return {**source, "overrides": {**source["overrides"], **c.overrides()}, "memory_efficient": not c.plain,
                     "grown": grown, **self.interface()}
         return inference.record(c.model, c.overrides(), "text", not c.plain, grown, **self.interface())
