@@ -302,6 +302,27 @@ def test_folder_scales_16_bit_images(tmp_path):
     assert d.train_x[0, 0, 0].tolist() == [0, 1, 128, 255]  # scaled by 255 / 65535, not clipped at 255
 
 
+def test_read_image_takes_a_32_bit_image_by_its_values(tmp_path):
+    """Pillow's mode "I" (32-bit) declares no range: 8-bit values are kept, 16-bit ones scaled, and
+    values that fit neither are refused, naming the file."""
+    for values, want in (([0, 1, 200, 255], [0, 1, 200, 255]), ([0, 257, 32768, 65535], [0, 1, 128, 255])):
+        Image.fromarray(np.array([values], dtype=np.int32)).save(tmp_path / "x.tif")
+        assert Image.open(tmp_path / "x.tif").mode == "I"
+        pixels = data.read_image(tmp_path / "x.tif")
+        assert pixels.dtype == np.uint8 and pixels[0].tolist() == want
+    for values in ([-1, 0, 0, 0], [0, 0, 0, 65536]):
+        Image.fromarray(np.array([values], dtype=np.int32)).save(tmp_path / "x.tif")
+        with pytest.raises(ValueError, match=r"x.tif is not a readable image \(its 32-bit pixels span"):
+            data.read_image(tmp_path / "x.tif")
+
+
+def test_read_image_names_a_decompression_bomb(tmp_path, monkeypatch):
+    _image(tmp_path, "big.png", np.zeros((8, 8), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)  # 64 pixels: past twice the limit, Pillow's error
+    with pytest.raises(ValueError, match="big.png is not a readable image .*decompression bomb"):
+        data.read_image(tmp_path / "big.png")
+
+
 def test_folder_refuses_empty_classes_and_size_mismatch_between_splits(tmp_path):
     _image(tmp_path, "train/a/0.png", np.zeros((4, 4), np.uint8))
     (tmp_path / "train/b").mkdir()

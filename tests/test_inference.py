@@ -1,6 +1,8 @@
 """Trained models you can use: checkpoints that carry their preprocessing, `revnets.load`,
 `revnets predict`, `revnets eval` without dataset flags, torch.export and ONNX."""
 import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -146,6 +148,125 @@ def test_predict_bad_arguments_exit_2_with_one_line(run, tmp_path, capsys, argv,
     assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), *argv]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "\n" not in err.strip() and expected in err
+
+def test_predict_names_what_a_path_is_when_it_is_not_an_image_file(run, tmp_path, capsys):
+    """A link to /dev/zero and a FIFO are named for what they are (not "does not exist"), and never
+    opened (a FIFO would block); an empty argument is refused instead of standing for ".";"""
+    run_dir, images, _ = run
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "fifo.png")
+    for arg, expected in ((tmp_path / "zero.png", "zero.png (a link to /dev/zero) is a character device, not an image"),
+                          (tmp_path / "fifo.png", "fifo.png is a named pipe (FIFO), not an image file"),
+                          ("", "an empty FILE_OR_DIR argument names no image")):
+        assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), str(arg) if arg else arg]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and expected in err
+
+
+def test_predict_names_a_decompression_bomb(run, tmp_path, capsys, monkeypatch):
+    """An image past Pillow's pixel limit (here lowered to 16: an 8x8 PNG is 4 times it) is refused
+    with one line naming the file, as any unreadable file is."""
+    run_dir, images, _ = run
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)
+    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), str(images / "test" / "red" / "0.png")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "0.png is not a readable image" in err and "bomb" in err
+
+
+def test_predict_reads_a_32_bit_image_of_8_bit_values_as_those_values(run, tmp_path, capsys):
+    run_dir, _, _ = run
+    Image.fromarray(np.full((8, 8), 200, np.int32)).save(tmp_path / "wide.tif")  # Pillow's mode "I"
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "grey.png")
+    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--json", "--topk", "3",
+                 str(tmp_path / "wide.tif"), str(tmp_path / "grey.png")]) == 0
+    wide, grey = json.loads(capsys.readouterr().out)
+    assert wide["predictions"] == grey["predictions"]
+
+
+def test_predict_escapes_tabs_newlines_and_backslashes_in_names(run, tmp_path, capsys):
+    """One line per image and one value per field, whatever the file and class names hold: a
+    backslash, tab, newline or carriage return is written as \\\\, \\t, \\n or \\r."""
+    run_dir, images, _ = run
+    ckpt = checkpoint.load(run_dir / "best.pt")
+    ckpt["record"]["classes"] = ["blue", "gr\teen", "re\\d\r"]
+    checkpoint.save(tmp_path / "named.pt", ckpt)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a\tb\nc\\d.png").write_bytes((images / "test" / "red" / "0.png").read_bytes())
+    assert main(["predict", "--checkpoint", str(tmp_path / "named.pt"), "--topk", "3", str(tmp_path / "in")]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    fields = line.split("\t")
+    assert fields[0] == f"{tmp_path}/in/a\\tb\\nc\\\\d.png" and len(fields) == 7
+    assert sorted(fields[1::2]) == ["blue", "gr\\teen", "re\\\\d\\r"]
+
+
+def test_an_image_checkpoint_given_to_generate_says_to_use_predict(run, capsys):
+    run_dir, _, _ = run
+    assert main(["generate", "--checkpoint", str(run_dir / "best.pt"), "--prompt", "a"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "best.pt holds an image classifier" in err and "revnets predict" in err
+
+
+def _refused_by_every_command(path, capsys, image, commands=("eval", "predict", "generate")):
+    """`revnets.load(path)` raises a ValueError naming the file, and each command exits 2 with one
+    line naming it and prints nothing else; returns load's message."""
+    with pytest.raises(ValueError, match=str(path.name)) as refused:
+        revnets.load(path)
+    argv = {"eval": ["eval", "--checkpoint", str(path)], "predict": ["predict", "--checkpoint", str(path), str(image)],
+            "generate": ["generate", "--checkpoint", str(path), "--prompt", "a"]}
+    for command in commands:
+        assert main(argv[command]) == 2, command
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and path.name in err, (command, err)
+    return str(refused.value)
+
+
+OLD_IMAGE = DATA / "digits-2026-12-01.pt"  # a checkpoint of 3d4780f: the record as "meta", "network"
+
+
+@pytest.mark.parametrize("old, damage, expected", [
+    (False, lambda c: c["record"]["overrides"].update(h=float("nan")), r"h \(the step size\) must be .*; got nan"),
+    (False, lambda c: c["record"]["overrides"].update(h=-1.0), r"h \(the step size\) must be .*; got -1.0"),
+    (True, lambda c: c["meta"]["network"].update(h=float("nan")), r"h \(the step size\) must be .*; got nan"),
+    (False, lambda c: c["record"].update(std=torch.tensor([0.2, 0.0, 0.2])), "finite positive standard deviation"),
+    (True, lambda c: c["meta"].update(std=torch.zeros(1)), "finite positive standard deviation"),
+    (False, lambda c: c["record"]["overrides"].update(units=(100_000,) * 3), "asks for 300000 blocks"),
+    (False, lambda c: c["record"].update(grown=60), "grown=60 is not a number of growths"),
+    (False, lambda c: c["record"]["overrides"].update(channels=(10**7,) * 3), "does not match the model"),
+])
+def test_a_checkpoint_whose_settings_are_bad_is_refused_before_it_is_built(run, tmp_path, capsys, old, damage,
+                                                                          expected):
+    """Settings read from a checkpoint go through the checks of the API's (h, the standardisation);
+    its sizes are compared with its weights before anything is allocated (a width of 10^7 channels
+    would need petabytes)."""
+    run_dir, images, _ = run
+    ckpt = checkpoint.load(OLD_IMAGE if old else run_dir / "best.pt")
+    damage(ckpt)
+    checkpoint.save(tmp_path / "bad.pt", ckpt)
+    message = _refused_by_every_command(tmp_path / "bad.pt", capsys, images / "test" / "red" / "0.png",
+                                        ("eval", "predict"))
+    assert re.search(expected, message), message
+
+
+@pytest.mark.parametrize("source, damage", [
+    (OLD_IMAGE, lambda c: c["meta"].pop("network")),
+    (OLD_IMAGE, lambda c: c.update(meta="a string")),
+    (OLD_IMAGE, lambda c: c["meta"].update(network="a string")),
+    ("best.pt", lambda c: c.update(record="a string")),
+    ("best.pt", lambda c: c["record"].pop("kind")),
+    ("best.pt", lambda c: c["record"].update(image_size="x")),
+    ("best.pt", lambda c: c["record"].update(classes="abc")),
+    ("best.pt", lambda c: c.update(model="weights")),
+    ("best.pt", lambda c: c.update(model={k: 1 for k in c["model"]})),
+    (DATA / "text-2026-12-01.pt", lambda c: c.update(vocab="a string")),
+    (DATA / "text-2026-12-01.pt", lambda c: c.update(model=[1, 2])),
+])
+def test_crafted_metadata_is_one_line_naming_the_file_for_every_command(run, tmp_path, capsys, source, damage):
+    run_dir, images, _ = run
+    ckpt = checkpoint.load(run_dir / source)  # an absolute source stays itself
+    damage(ckpt)
+    checkpoint.save(tmp_path / "crafted.pt", ckpt)
+    _refused_by_every_command(tmp_path / "crafted.pt", capsys, images / "test" / "red" / "0.png")
+
 
 def test_eval_needs_no_dataset_flags_and_reads_no_training_split(run, capsys, monkeypatch):
     run_dir, _, summary = run

@@ -8,11 +8,14 @@ anything is printed: a file that cannot be read ends the command with one line n
 A directory stands for the PNG and JPEG files under it, recursively, in sorted order.
 
 Output, one line per image: ``path<TAB>class<TAB>probability``, with --topk K the K most probable
-classes as K class/probability pairs on the line; --json prints one JSON list of
+classes as K class/probability pairs on the line. A backslash, tab, newline or carriage return in a
+path or class name is written as \\\\, \\t, \\n or \\r, so that every line is one image and every
+field one value (Python's and PostgreSQL's text escapes). --json prints one JSON list of
 {"path", "predictions": [{"class", "probability"}, ...]} instead.
 """
 import argparse
 import json
+import stat
 import sys
 from pathlib import Path
 
@@ -26,11 +29,20 @@ from ..training.tasks import old_record
 from . import positive_int
 from .eval import classifier_record
 
+SPECIAL = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a named pipe (FIFO)",
+           stat.S_IFSOCK: "a socket"}
+ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
 
 def image_files(paths: list[str]) -> list[Path]:
-    """The files named, with each directory replaced by the images under it (sorted)."""
+    """The files named, with each directory replaced by the images under it (sorted); ValueError
+    for an empty name or one that is not a regular file (a device, a FIFO, ...), FileNotFoundError
+    for one that does not exist."""
     files = []
-    for path in map(Path, paths):
+    for text in paths:
+        path = Path(text)
+        if not text:
+            raise ValueError("an empty FILE_OR_DIR argument names no image (use . for the current directory)")
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in data.IMAGE_SUFFIXES and p.is_file())
             if not found:
@@ -38,9 +50,19 @@ def image_files(paths: list[str]) -> list[Path]:
             files += found
         elif path.is_file():
             files.append(path)
+        elif path.exists():
+            target = f" (a link to {path.resolve()})" if path.is_symlink() else ""
+            kind = SPECIAL.get(stat.S_IFMT(path.stat().st_mode), "not a regular file")
+            raise ValueError(f"{path}{target} is {kind}, not an image file")
         else:
             raise FileNotFoundError(f"{path} does not exist")
     return files
+
+
+def escaped(text: str) -> str:
+    """`text` as one tab-separated field: backslash, tab, newline and carriage return written as
+    \\\\, \\t, \\n and \\r (the output rule of the module docstring)."""
+    return text.translate(ESCAPES)
 
 
 def to_input(pixels: np.ndarray, channels: int, size: tuple[int, int]) -> tuple[torch.Tensor, bool]:
@@ -90,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                           for path, top in rows], indent=1))
     else:
         for path, top in rows:
-            print("\t".join([path, *(f"{c}\t{p:.4f}" for c, p in top)]))
+            print("\t".join([escaped(path), *(f"{escaped(c)}\t{p:.4f}" for c, p in top)]))
     return 0
 
 

@@ -5,9 +5,10 @@ images must share their size and channels. `Loader` moves a split to the device 
 there as in the paper (Section 4): zero padding (4 pixels, 12 for STL-10), random crop, random
 horizontal flip, per-channel standardisation.
 
-An image folder is decoded once (PNG and JPEG through Pillow; 16-bit images scaled to 8 bits, not
-clipped; a file that does not decode is refused, naming it) into a cache in `cache_dir()`, keyed
-by the folder's path, file names, sizes and modification times.
+An image folder is decoded once (PNG and JPEG through Pillow, `read_image`: 16-bit images scaled
+to 8 bits, not clipped, 32-bit ones by their values; a file that does not decode is refused,
+naming it) into a cache in `cache_dir()`, keyed by the folder's path, file names, sizes and
+modification times.
 """
 import hashlib
 import io
@@ -40,7 +41,7 @@ CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
 STL10_FILES = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "class_names.txt")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
-WIDE_MODES = ("I", "I;16", "I;16B", "I;16L")  # 16 bits per pixel (Pillow reads 16-bit PNGs as these)
+WIDE_MODES = ("I;16", "I;16B", "I;16L")  # 16 bits per pixel (Pillow reads 16-bit PNGs as these)
 
 
 @dataclass
@@ -262,17 +263,30 @@ def _decode(root: Path, files: dict[str, list[tuple[str, int, int, int]]]) -> di
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Pixels of one PNG or JPEG file, uint8 (H, W) grey or (H, W, 3) RGB (16-bit scaled to 8);
-    ValueError naming an unreadable file. Image folders and `revnets predict` decode with it."""
+    """Pixels of one PNG or JPEG file, uint8 (H, W) grey or (H, W, 3) RGB; ValueError naming a file
+    that does not decode (or would decode to more pixels than Pillow's decompression-bomb limit).
+    16-bit images are scaled to 8 bits. A 32-bit one (Pillow's mode "I") declares no range, so its
+    values decide: 0..255 are kept as 8-bit values, up to 65535 scaled as 16 bits, others refused.
+    Image folders and `revnets predict` decode with it."""
     from PIL import Image
     try:
         with Image.open(path) as im:
-            if im.mode in WIDE_MODES:  # 16-bit: scale 0..65535 to 0..255
-                return np.round(np.asarray(im, dtype=np.float64) * (255 / 65535)).clip(0, 255).astype(np.uint8)
+            if im.mode in WIDE_MODES or im.mode == "I":
+                return _eight_bits(np.asarray(im), wide=im.mode in WIDE_MODES)
             mode = "L" if im.mode in GREY_MODES else "RGB"
             return np.asarray(im if im.mode == mode else im.convert(mode))
-    except (OSError, SyntaxError, ValueError) as e:  # truncated, empty, not an image, ...
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # truncated, not an image, ...
         raise ValueError(f"{path} is not a readable image ({e}); delete or replace it") from None
+
+
+def _eight_bits(pixels: np.ndarray, wide: bool) -> np.ndarray:
+    """uint8 grey pixels of a 16-bit image (`wide`: 0..65535 scaled to 0..255) or of a 32-bit one
+    (its values decide, `read_image`); ValueError for 32-bit values outside 0..65535."""
+    low, high = int(pixels.min()), int(pixels.max())
+    if low < 0 or high > 65535:
+        raise ValueError(f"its 32-bit pixels span {low}..{high}, outside 0..255 (8-bit) and 0..65535 (16-bit)")
+    top = 65535 if wide or high > 255 else 255
+    return np.round(pixels.astype(np.float64) * (255 / top)).astype(np.uint8)
 
 
 # ---- scikit-learn's 8x8 digits ----
