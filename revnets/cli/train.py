@@ -65,6 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--amp", choices=tuple(AMP_DTYPES), help=f"autocast precision (default: {d['amp'].default})")
     a("--channels-last", action="store_true", help="images: NHWC memory format (faster convolutions on GPUs)")
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--fsdp", action="store_true", help="under torchrun, shard every block and the root with FSDP2 instead of "
+                                          "DistributedDataParallel (default: DDP)")
     a("--seed", type=int, help=f"seed of initialisation, splits and batches, >= 0 (default: {d['seed'].default})")
     a("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     a("--train-fraction", type=float, help="images: class-stratified share of the training images trained on, "

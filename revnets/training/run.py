@@ -101,10 +101,14 @@ class Run:
         self.record = self._record()
         self.net = self._placed(inference.build_network(self.record))
         self.task.check(self.net)
-        if config.init_from and not self.resumed:  # a resumed run has its own weights
+        if self.resumed:
+            checkpoint.load_state(self.net, self.resumed["model"], self.dir.last)
+        elif config.init_from:  # a resumed run has its own weights
             checkpoint.load_state(self.net, sources.weights(config.init_from), config.init_from)
         self.teacher = sources.teacher(config.init_from, self.device) if config.distill else None
-        self.model = distributed.wrap(self.net, self.device, self.world, config.compile)
+        if config.fsdp:  # the weights are in place: shard them
+            distributed.shard(self.net, config.amp)
+        self.model = distributed.wrap(self.net, self.device, 1 if config.fsdp else self.world, config.compile)
         self.opt = self.task.optimizer(self.net.parameters())
         self.sched = make_schedule(config, self.opt, self.task.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
@@ -131,9 +135,8 @@ class Run:
 
     def _restore(self, ckpt: dict) -> None:
         path = self.dir.last
-        checkpoint.load_state(self.net, ckpt["model"], path)
         try:
-            self.opt.load_state_dict(ckpt["optimizer"])
+            distributed.load_optimizer_state(self.net, self.opt, ckpt["optimizer"])
             self.sched.load_state_dict(ckpt["scheduler"])
             if "scaler" in ckpt:
                 self.scaler.load_state_dict(ckpt["scaler"])
@@ -154,8 +157,10 @@ class Run:
         self.opt.state.clear()
 
     def state(self, epoch: int) -> dict:
-        state = dict(model=self.net.state_dict(), config=asdict(self.config), epoch=epoch, record=self.record,
-                     optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), rng=rng_state(self.device),
+        """The checkpoint after `epoch` epochs (collective under --fsdp: every process calls it)."""
+        state = dict(model=distributed.model_state(self.net), config=asdict(self.config), epoch=epoch,
+                     record=self.record, optimizer=distributed.optimizer_state(self.net, self.opt),
+                     scheduler=self.sched.state_dict(), rng=rng_state(self.device),
                      best_epoch=self.best_epoch, wall_s=self.wall, **{f"best_{self.task.metric}": self.best})
         if self.config.amp == "fp16":
             state["scaler"] = self.scaler.state_dict()
@@ -220,7 +225,7 @@ class Run:
         row = self.train_epoch(epoch)
         distributed.broadcast_buffers(self.net, self.world)
         row.update(self.task.evaluate(self.net))
-        if checkpoint.count_nonfinite(self.net.state_dict()):
+        if distributed.nonfinite(self.net, self.world):
             raise self._fault("weights", f"after epoch {epoch + 1}")
         score = self.task.score(row)
         if (score > self.best) if self.task.higher else (score < self.best):
@@ -228,8 +233,9 @@ class Run:
         self.times.append(time.perf_counter() - t0)
         self.wall += self.times[-1]  # training and evaluation, up to this epoch's checkpoint
         row.update(epoch=epoch + 1, peak_mb=distributed.peak_mb(self.device), epoch_s=self.times[-1])
+        state = self.state(epoch + 1) if self.rank == 0 or distributed.sharded(self.net) else None
         if self.rank == 0:
-            self._write_epoch(row)
+            self._write_epoch(row, state)
         if self.on_epoch is not None:
             self.on_epoch(row)
 
@@ -252,13 +258,13 @@ class Run:
         for note in self.task.notes():
             print(f"note: {note}", flush=True)
 
-    def _write_epoch(self, row: dict) -> None:
+    def _write_epoch(self, row: dict, state: dict) -> None:
         if not self.written:  # config.json and metrics.csv come with the first checkpoint
             self.dir.write_config(self.config, self.start)
             self.metrics.keep_until(self.start)
             self.written = True
         self.metrics.append(row)
-        self.dir.save(self.state(row["epoch"]), best=self.best_epoch == row["epoch"])
+        self.dir.save(state, best=self.best_epoch == row["epoch"])
         left = self.config.epochs - row["epoch"]
         print(self.task.epoch_line(row, self.config.epochs, left * sum(self.times) / len(self.times),
                                    distributed.memory_label(self.device))

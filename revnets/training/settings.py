@@ -20,6 +20,7 @@ the meta device), so that a bad one is refused before anything is read or writte
 """
 import json
 import math
+import os
 import platform
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -49,7 +50,7 @@ TASK_FIELDS = {"image": ("download", "units", "channels", "norm", "momentum", "s
                "text": ("level", "context", "mlp", "dropout", "steps_per_epoch", "init", "convert", "distill")}
 SCHEDULES = ("step", "cosine", "onecycle", "warmup")
 NORMS = ("batch", "none")
-PLACE = ("resume", "device", "out")  # where a run goes on, not what it computes: free to change on resume
+PLACE = ("resume", "device", "out", "fsdp")  # where a run goes on, not what it computes: free to change on resume
 GROWABLE = ("epochs", "milestones")  # may change on resume: a run goes on for longer (`check_extension`)
 EARLIER = {"val_fraction": 0.0}  # what image runs saved before a setting existed did (no validation split)
 
@@ -86,6 +87,7 @@ class Config:
     amp: str = "off"
     channels_last: bool = False
     compile: bool = False
+    fsdp: bool = False
     seed: int = 0
     device: str | None = None
     train_fraction: float | None = None
@@ -171,6 +173,7 @@ class Config:
             raise ValueError(f"--milestones must be increasing positive epochs; got {self.milestones}")
         if self.segment is not None and self.segment != "auto" and not (self.segment.isdigit() and int(self.segment)):
             raise ValueError(f"--segment must be 'auto' or a positive number of blocks; got {self.segment!r}")
+        self.check_fsdp()
         if self.grow_at and not (scheme and scheme.has_step and self.model != sources.HF):
             raise ValueError(f"--grow-at halves the step size h, which {self.model} does not have")
         if any(not 1 <= g < self.epochs for g in self.grow_at):
@@ -203,6 +206,20 @@ class Config:
             if given:
                 raise ValueError(f"{', '.join(map(_flag, given))}: not a setting of a Hugging Face model"
                                  f"{'' if self.convert else ' that is not converted (--convert)'}")
+
+    def check_fsdp(self) -> None:
+        """--fsdp needs processes to shard over (torchrun) and the engine's sharded path: not the
+        fixed-point engine, nor what measures a chain outside the calls that gather its parameters."""
+        if not self.fsdp:
+            return
+        if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            raise ValueError("--fsdp shards the model over the processes of torchrun; start the run with "
+                             "torchrun --nproc_per_node N -m revnets.cli train ... (N >= 2)")
+        given = [flag for flag, on in (("--exact", self.exact), ("--drift-every", self.drift_every),
+                                       ("--segment auto", self.segment == "auto"), ("--grow-at", self.grow_at)) if on]
+        if given:
+            raise ValueError(f"--fsdp cannot shard a run with {', '.join(given)}: they compute with a block's "
+                             "parameters outside the calls in which FSDP gathers them")
 
     def check_model(self) -> None:
         """Build the model on the meta device (no memory): its own checks of every model setting."""
