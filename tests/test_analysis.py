@@ -214,3 +214,19 @@ def test_analyze_rejects_a_unit_without_reversible_blocks(tmp_path, capsys):
     args = ["analyze", "--model", "hamiltonian-74", "--out", str(tmp_path), "--units", "1", "1", "1"]
     assert main(args) == 2
     assert "at least 2 blocks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, expected", [(["--size", "-8"], "argument --size: expected a positive integer"),
+                                             (["--size", "0"], "argument --size: expected a positive integer"),
+                                             (["--size", "6"], "H and W positive multiples of 4; got (1, 3, 6, 6)"),
+                                             (["--depths", "0"], "--depths must be positive")])
+def test_analyze_refuses_bad_sizes_before_it_writes_anything(tmp_path, capsys, flags, expected):
+    """One line, exit code 2 and no --out directory (at 3d4780f --size -8 was a traceback that left
+    an empty directory behind)."""
+    try:
+        code = main(["analyze", "--model", "hamiltonian-74", "--out", str(tmp_path / "report"), *flags])
+    except SystemExit as usage_error:
+        code = usage_error.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "report").exists()

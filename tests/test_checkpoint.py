@@ -1,12 +1,17 @@
-"""Checkpoints: atomic writes, loading without running code, clear refusals."""
+"""Checkpoints: atomic writes, loading without running code, clear refusals; what a killed writer
+leaves in a run directory (temporary files, its lock) and how a resume deals with it."""
+import os
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from revnets import checkpoint, inference
+from revnets.cli import main
 from revnets.training import Config
+from revnets.training.rundir import RunDir
 from revnets.training.run import rng_state, set_rng_state
 from revnets.training.settings import growths
 
@@ -119,3 +124,40 @@ def test_rng_state_restores_the_random_number_stream():
     first = torch.rand(5)
     set_rng_state(state, torch.device("cpu"))
     assert torch.equal(torch.rand(5), first)
+
+
+# ---- what a killed writer leaves in its run directory ----------------------------------------
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 1-epoch run of a tiny network on digits (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", "--dataset", "digits", "--model", "hamiltonian-74", "--units", "1", "1", "1",
+                 "--channels", "8", "8", "8", "--batch-size", "200", "--epochs", "1", "--out", str(out)]) == 0
+    return out
+
+
+def test_a_resume_removes_the_temporary_files_of_a_killed_write(finished, tmp_path, capsys):
+    """A kill inside `files.atomic_write` leaves .NAME.XXXX.tmp next to a run file; taking the lock
+    removes those of the run's files (no other writer can be using them), and nothing else."""
+    run = shutil.copytree(finished, tmp_path / "run")
+    stale = [".last.pt.k1l2e3.tmp", ".best.pt.abcd.tmp", ".metrics.csv.x.tmp", ".summary.json.y.tmp"]
+    for name in [*stale, ".notes.txt.z.tmp"]:
+        (run / name).write_bytes(b"half a file")
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    assert sorted(p.name for p in run.glob(".*")) == [".notes.txt.z.tmp"]  # the lock is gone too
+    note = next(line for line in capsys.readouterr().out.splitlines() if "left by a killed run" in line)
+    assert all(name in note for name in stale) and checkpoint.load(run / "last.pt")["epoch"] == 2
+
+
+def test_a_lock_that_names_no_pid_is_taken_over_and_a_directory_refused(finished, tmp_path, capsys):
+    run = shutil.copytree(finished, tmp_path / "run")
+    (run / ".lock").write_bytes(b"\xff\xfe\x80 not UTF-8")  # nobody holds its flock
+    with RunDir(run).locked():
+        assert (run / ".lock").read_text() == f"{os.getpid()}\n"
+    assert capsys.readouterr().out == f"note: taking over {run}/.lock, left by pid unknown, which no longer runs\n"
+    (run / ".lock").mkdir()
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {run}/.lock cannot be the lock of {run} (" in err, err
+    assert checkpoint.load(run / "last.pt")["epoch"] == 1 and (run / ".lock").is_dir()

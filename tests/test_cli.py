@@ -1,6 +1,7 @@
 """The `revnets` command as a user's shell sees it."""
 import argparse
 import ast
+import importlib
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from revnets.cli import main
+from revnets.cli import import_modules, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +71,48 @@ def test_import_of_a_missing_module_is_one_line_and_exit_code_2(capsys):
         main(["--import", "no_such_module_xyz", "models"])
     assert end.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
         "revnets: error: --import no_such_module_xyz: ModuleNotFoundError: No module named 'no_such_module_xyz'"]
+
+def test_an_imported_module_that_exits_is_an_error(tmp_path, monkeypatch, capsys):
+    """sys.exit(0) in a user's module would end revnets with nothing done and exit code 0."""
+    (tmp_path / "exits_at_import.py").write_text("import sys\nsys.exit(0)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "exits_at_import", raising=False)
+    with pytest.raises(SystemExit) as end:
+        main(["--import", "exits_at_import", "models"])
+    assert end.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        "revnets: error: --import exits_at_import: the module exited (sys.exit(0)) while being imported"]
+
+
+def test_the_current_directory_is_on_the_path_only_while_importing(tmp_path, monkeypatch):
+    """A stray module in the current directory (a file named like a library, e.g. sklearn.py) is not
+    imported in the library's place once the user's modules are imported."""
+    (tmp_path / "user_module_here.py").write_text("import os, sys\nSEEN = os.getcwd() in sys.path\n")
+    (tmp_path / "stray_module_here.py").write_text("raise AssertionError('a stray module ran')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "user_module_here", raising=False)
+    import_modules(["--import", "user_module_here", "models"])
+    assert sys.modules["user_module_here"].SEEN and str(tmp_path) not in sys.path
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("stray_module_here")
+
+
+@pytest.mark.parametrize("command", [["train", "--dataset", "digits", "--model", "hamiltonian-74", "--epochs", "1"],
+                                     ["analyze", "--model", "hamiltonian-74"]])
+def test_an_out_below_a_file_says_so(command, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert main([*command, "--out", str(tmp_path / "afile" / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {tmp_path}/afile/sub: {tmp_path}/afile is a file, not a directory" in err
+
+
+@pytest.mark.parametrize("command", [["train", "--dataset", "digits"], ["analyze"]])
+def test_an_unregistered_model_name_mentions_import(command, tmp_path, capsys):
+    assert main([*command, "--model", "nosuch-20", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown model 'nosuch-20'" in err and "revnets --import MODULE" in err
+    assert not (tmp_path / "run").exists()
+
 
 def _modules() -> dict[str, Path]:
     """Every module of the package by its dotted name (a package by its __init__.py)."""

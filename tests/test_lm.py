@@ -99,11 +99,28 @@ def test_symmetric_mlp_run_and_its_checkpoint_load_with_that_mlp(tmp_path):
 def test_generate_rejects_unknown_characters_bad_settings_and_image_checkpoints(trained, tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(trained), "--prompt", "€", "--tokens", "3"]) == 2
     assert "not in the vocabulary" in capsys.readouterr().err
-    for flags, match in ((["--temperature", "nan"], "--temperature must be a finite number >= 0"),
-                         (["--device", "foo"], "device 'foo' is not usable here")):
+    cases = [(["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+             (["--temperature", "inf"], "--temperature must be a finite number >= 0"),
+             (["--device", "foo"], "device 'foo' is not usable here"),
+             (["--device", "cuda:99"], "device 'cuda:99' is not usable here")]  # no build has 100 GPUs
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "device 'cuda' is not usable here"))
+    for flags, match in cases:
         assert main(["generate", "--checkpoint", str(trained), "--prompt", "a", *flags]) == 2
-        assert match in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1, err
     checkpoint.save(tmp_path / "image.pt", dict(model={}, config={"model": "hamiltonian-74"}, epoch=1))
     assert main(["generate", "--checkpoint", str(tmp_path / "image.pt"), "--prompt", "a"]) == 2
     assert "holds an image classifier, not a language model: classify images with revnets predict" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["eval"], ["predict", "{tmp}/x.png"], ["analyze", "--out", "{tmp}/report"]])
+def test_a_language_models_checkpoint_given_to_an_image_command_says_to_use_generate(trained, tmp_path, capsys,
+                                                                                      command):
+    name, *rest = [a.format(tmp=tmp_path) for a in command]
+    assert main([name, "--checkpoint", str(trained), *rest]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "best.pt holds a language model, not an image classifier: sample from it with " \
+        "revnets generate" in err, err
+    assert not (tmp_path / "report").exists()

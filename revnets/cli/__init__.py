@@ -11,8 +11,9 @@ Each command module defines `add_parser(subparsers)`, which registers its subcom
     130  interrupted (Ctrl-C); a run says how to continue
 
 `revnets --import MODULE COMMAND ...` imports MODULE (from the current directory or the Python
-path) before the command is built, so the schemes and models it registers (`register_scheme`,
-`register_model`) are valid names for every command.
+path; the current directory is on the path only while it is imported) before the command is
+built, so the schemes and models it registers (`register_scheme`, `register_model`) are valid
+names for every command. A module that raises or exits while being imported is exit code 2.
 """
 import argparse
 import importlib
@@ -61,17 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def import_modules(argv: list[str]) -> None:
-    """Import every `--import MODULE` of `argv` (the current directory first on the path); exit 2 if one fails."""
+    """Import every `--import MODULE` of `argv`, with the current directory first on the path while
+    they are imported and only then (a stray sklearn.py there is not imported for scikit-learn
+    later); exit 2 if one fails or exits."""
     pre = Parser(prog="revnets", add_help=False)
     pre.add_argument("--import", dest="imports", action="append", default=[])
     names = pre.parse_known_args(argv)[0].imports
-    if names and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except Exception as e:  # the user's module: any error it raises is the reason
-            pre.exit(2, f"revnets: error: --import {name}: {type(e).__name__}: {e}\n")
+    if not names:
+        return
+    cwd = os.getcwd()
+    sys.path.insert(0, cwd)
+    try:
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except SystemExit as e:  # sys.exit() in the user's module: it did not register anything
+                pre.exit(2, f"revnets: error: --import {name}: the module exited (sys.exit({e.code!r})) while "
+                            "being imported\n")
+            except Exception as e:  # the user's module: any error it raises is the reason
+                pre.exit(2, f"revnets: error: --import {name}: {type(e).__name__}: {e}\n")
+    finally:
+        sys.path.remove(cwd)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,8 +26,8 @@ from torch import nn
 from .. import analysis, checkpoint, inference
 from ..blocks import ReversibleBlock
 from ..engine import sequential
-from ..files import finite, save_png, write_json
-from ..models import MODELS, build_model
+from ..files import check_directory, finite, save_png, write_json
+from ..models import MODELS, build_model, spec
 from ..networks import Network, ReversibleUnit
 from ..training.progress import bar
 from ..training.tasks import old_record
@@ -176,6 +176,8 @@ def _models(args: argparse.Namespace) -> list[tuple[str, Network]]:
     overrides = {k: tuple(v) for k, v in (("units", args.units), ("channels", args.channels)) if v}
     models = []
     for name in args.model:
+        if spec(name)["kind"] != "image":  # spec: ValueError for a name nobody registered
+            raise ValueError(f"--model {name} is a language model; analyze takes image models")
         torch.manual_seed(args.seed)  # the same weights in every report
         models.append((name, build_model(name, **overrides)))
     for path in args.checkpoint:
@@ -194,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--depths must be positive; got {args.depths}")
     if not all(math.isfinite(h) and h > 0 for h in args.h_values):
         raise ValueError(f"--h-values must be finite and > 0; got {args.h_values}")
+    check_directory(args.out)
     models = _models(args)
     for label, model in models:  # every model takes the input before anything is written
         model.check_input(torch.zeros(1, model.in_channels, args.size, args.size))
@@ -227,7 +230,7 @@ def add_parser(subparsers) -> None:
                               description="Measure the stability of models' blocks (paper, Section 3) and write "
                                           "stability.json and stability-*.png into --out.")
     images = [name for name, spec in MODELS.items() if spec["kind"] == "image"]
-    p.add_argument("--model", nargs="+", default=[], choices=images, metavar="NAME",
+    p.add_argument("--model", nargs="+", default=[], metavar="NAME",
                    help=f"image models, built with --units/--channels ({', '.join(images)}; default: none)")
     p.add_argument("--checkpoint", nargs="+", default=[], metavar="PATH", help="trained models (revnets train's .pt; default: none)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")

@@ -11,9 +11,10 @@ config.json and metrics.csv are written with the first epoch's checkpoint: a run
 it leaves nothing behind.
 
 A lock (DIR/.lock, an flock holding the owner's pid) admits one writer; the kernel releases it when
-its owner dies, so a lock left by a killed run is taken over with a note. Checkpoints are written
-last.pt first, then best.pt, with Ctrl-C held back in between; a kill between the two (or any
-other) is repaired on resume (`RunDir.repair`).
+its owner dies, so a lock left by a killed run is taken over with a note, and the temporary files
+of a write it was killed in are removed. Checkpoints are written last.pt first, then best.pt, with
+Ctrl-C held back in between; a kill between the two (or any other) is repaired on resume
+(`RunDir.repair`).
 """
 import contextlib
 import fcntl
@@ -22,7 +23,7 @@ import os
 from pathlib import Path
 
 from .. import checkpoint
-from ..files import deferred_interrupt, write_json
+from ..files import check_directory, deferred_interrupt, write_json
 from .settings import GROWABLE, Config, changed_settings, check_extension, config_dict
 
 RUN_FILES = ("config.json", "metrics.csv", "last.pt", "best.pt", "summary.json")
@@ -39,11 +40,7 @@ class RunDir:
     def check_writable(self, resume: bool) -> None:
         """ValueError unless a run can be written here: a directory (or none yet) in a writable place,
         holding no other run unless `resume`."""
-        if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"--out {self.path} is a file, not a directory")
-        existing = next(p for p in (self.path, *self.path.absolute().parents) if p.exists())
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise ValueError(f"--out {self.path}: cannot write in {existing} (permission denied)")
+        check_directory(self.path)
         if not resume and self.last.exists():
             raise ValueError(f"{self.path} already holds a run; continue it with --resume {self.path} "
                              "or choose another --out")
@@ -67,26 +64,34 @@ class RunDir:
 
     @contextlib.contextmanager
     def locked(self):
-        """Hold DIR/.lock (created with DIR if need be) for the block; ValueError if another process holds it.
-        A directory created here and left empty is removed again."""
+        """Hold DIR/.lock (created with DIR if need be) for the block; ValueError if another process
+        holds it, or if it is not a file. Temporary files of the run's files left by a killed writer
+        (`files.atomic_write`'s) are removed once it is held. A directory created here and left
+        empty is removed again."""
         created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         lock = self.path / ".lock"
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ValueError(f"{lock} cannot be the lock of {self.path} ({e.strerror}): remove it if no "
+                             "revnets train uses it") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 held = os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(fd).st_ino  # not unlinked meanwhile
             except BlockingIOError:
                 held = False
-            owner = os.pread(fd, 64, 0).decode().strip()
+            content = os.pread(fd, 64, 0).strip()
+            owner = f"pid {content.decode()}" if content.isdigit() else "pid unknown"
             if not held:
-                raise ValueError(f"{self.path} is in use by another revnets train (pid {owner or '?'}); wait "
+                raise ValueError(f"{self.path} is in use by another revnets train ({owner}); wait "
                                  "for it to end or choose another --out")
-            if owner:
-                print(f"note: taking over {lock}, left by pid {owner}, which no longer runs", flush=True)
+            if content:
+                print(f"note: taking over {lock}, left by {owner}, which no longer runs", flush=True)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self._remove_temporaries()
             try:
                 yield self
             finally:
@@ -96,6 +101,15 @@ class RunDir:
             if created:
                 with contextlib.suppress(OSError):
                     self.path.rmdir()  # only if nothing was written
+
+    def _remove_temporaries(self) -> None:
+        """Delete the temporary files a writer killed inside `files.atomic_write` left of the run's
+        files (.last.pt.XXXX.tmp, ...), with a note: under the lock, no other writer is using them."""
+        stale = [p for name in RUN_FILES for p in self.path.glob(f".{name}.*.tmp")]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            print(f"note: removed {', '.join(p.name for p in stale)} (left by a killed run)", flush=True)
 
     def repair(self, last: dict) -> None:
         """After a kill, make best.pt agree with last.pt (the kill fell between the two) and drop a
