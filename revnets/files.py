@@ -1,35 +1,68 @@
 """Files that survive a kill: every file revnets writes goes through `atomic_write`.
 
-A temporary file next to the target is written, flushed, fsynced and renamed over the target, so
-a kill leaves the old file or the new one, never half of one. JSON, CSV and PNG writers on top of
+The content is made in memory first; then a temporary file next to the target is written, flushed,
+fsynced and renamed over the target, so a kill leaves the old file or the new one, never half of
+one, and a disk without room for the content raises `DiskFull` (naming the file and the space it
+needs) before anything is written. JSON, CSV and PNG writers on top of
 it are used by `checkpoint`, `data`, `progress`, `plot`, `report`, `reproduce` and the run
 directory. `deferred_interrupt` holds a Ctrl-C back while a group of files is written;
 `check_directory` checks an output directory before anything is written into it.
 """
 import contextlib
 import csv
+import errno
+import io
 import json
 import math
 import os
+import shutil
 import signal
 import tempfile
 import threading
 from pathlib import Path
 
 
+class DiskFull(OSError):
+    """A file that does not fit on its disk; `path`, and `needed` and `free` bytes."""
+
+    def __init__(self, path: Path, needed: int, free: int, message: str | None = None):
+        super().__init__(errno.ENOSPC, message or f"no space left for {path}: it needs {_mb(needed)} and "
+                                                  f"{_mb(free)} are free on its disk")
+        self.path, self.needed, self.free = path, needed, free
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
 def atomic_write(path: str | os.PathLike, write, text: bool = False) -> None:
-    """Call write(file) on a temporary file next to `path` (binary, or text with `text`), flush,
-    fsync, rename it over `path`: a kill leaves the old file or the new one, and a failure nothing."""
+    """Call write(file) on an in-memory file (binary, or text with `text`), then write its content to
+    a temporary file next to `path`, flush, fsync and rename it over `path`: a kill leaves the old
+    file or the new one, and a failure nothing. `DiskFull` when the disk has not room for it."""
     path = Path(path)
+    buffer = io.StringIO(newline="") if text else io.BytesIO()
+    write(buffer)
+    content = buffer.getvalue().encode() if text else buffer.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path.parent).free
+    if len(content) > free:
+        raise DiskFull(path, len(content), free)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)  # readable like any data file (mkstemp makes it private)
-        with (os.fdopen(fd, "w", newline="") if text else os.fdopen(fd, "wb")) as f:
-            write(f)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        os.unlink(tmp)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(path, len(content), shutil.disk_usage(path.parent).free) from None
+        raise
     except BaseException:
         os.unlink(tmp)
         raise

@@ -272,3 +272,50 @@ def test_ctrl_c_waits_until_a_group_of_files_is_written(sigint_as_in_a_terminal)
             done.append("both files written")
     assert done == ["both files written"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_a_row_lost_between_the_checkpoint_and_metrics_csv_is_restored_on_resume(task, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(_config(task, run, "--epochs", "3"), on_epoch=_kill_after(2))
+    rows = _metrics(run)
+    header, *lines = (run / "metrics.csv").read_text().splitlines()
+    (run / "metrics.csv").write_text("\n".join([header, *lines[:-1]]) + "\n")  # killed before epoch 2's row
+    train(parse_config(["--resume", str(run)]))
+    assert _metrics(run)[:2] == rows and len(_metrics(run)) == 3
+
+
+def test_a_disk_without_room_stops_before_writing_and_says_what_it_needs(tmp_path, monkeypatch):
+    from revnets import files
+    (tmp_path / "old.json").write_text("{}")
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: __import__("shutil")._ntuple_diskusage(1, 1, 10))
+    with pytest.raises(files.DiskFull, match=r"no space left for .*old.json: it needs 0.0 MB and 0.0 MB are free"):
+        files.write_json(tmp_path / "old.json", {"a": list(range(100))})
+    assert (tmp_path / "old.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a few MB mounted at tmp_path/disk (root can mount one; others skip)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip() or 'not permitted'})")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_exits_4_with_files_in_step_and_resumes_once_there_is_room(task, tmp_path, small_disk, capsys):
+    train(_config(task, tmp_path / "sized", "--epochs", "1"))
+    pages = -(-(tmp_path / "sized" / "last.pt").stat().st_size // 4096)  # tmpfs counts whole pages
+    room = 4096 * (2 * pages + 4 + pages // 2)  # last.pt, best.pt and the small files; not a third checkpoint
+    subprocess.run(["mount", "-o", f"remount,size={room}", str(small_disk)], check=True)
+    run = small_disk / "run"
+    assert main(["train", *TASKS[task], "--epochs", "3", "--out", str(run)]) == 4  # epoch 1 fits, epoch 2 does not
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(rf"revnets train: stopped: no space left for {run}/\S+: it needs [\d.]+ MB", err[0])
+    assert "holds epoch 1" in err[0] and err[0].endswith(f"continue with: revnets train --resume {run}")
+    assert checkpoint.load(run / "last.pt")["epoch"] == 1 and [r["epoch"] for r in _metrics(run)] == ["1"]
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    assert main(["train", "--resume", str(run)]) == 0 and [r["epoch"] for r in _metrics(run)] == ["1", "2", "3"]

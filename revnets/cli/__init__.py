@@ -8,6 +8,8 @@ Each command module defines `add_parser(subparsers)`, which registers its subcom
     1    output into a closed pipe (e.g. `revnets models | head -1`)
     2    bad input: one line naming it, before anything is written
     3    a run stopped on a non-finite loss, gradient or weight (its files keep the last finite epoch)
+    4    the disk is full: one line naming the file and the space it needs; the run's files stay in
+         step and it resumes once there is room
     130  interrupted (Ctrl-C); a run says how to continue
 
 `revnets --import MODULE COMMAND ...` imports MODULE (from the current directory or the Python
@@ -22,6 +24,7 @@ import sys
 import textwrap
 
 from .. import __version__
+from ..files import DiskFull
 from ..training import NonFiniteError
 
 COMMANDS = ("models", "plot", "eval", "predict", "reproduce", "train", "analyze", "generate")
@@ -100,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:
         print(f"{command}: stopped: {e}", file=sys.stderr)
         return 3
+    except DiskFull as e:
+        print(f"{command}: stopped: {e}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt as e:
         print(f"{command}: {e or 'interrupted before anything was written'}", file=sys.stderr)
         return 130

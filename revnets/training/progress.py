@@ -67,8 +67,13 @@ class MetricsCSV:
     def __init__(self, path: str | os.PathLike, fields: tuple[str, ...]):
         self.path, self.fields = Path(path), tuple(fields)
 
-    def keep_until(self, epoch: int) -> None:
-        write_csv(self.path, self.fields, [r for r in self.read() if int(r["epoch"]) <= epoch])
+    def keep_until(self, epoch: int, row: dict | None = None) -> None:
+        """Keep the rows up to `epoch`; `row`, that epoch's row, is added if the file lacks it (a run
+        stopped between its checkpoint and this file)."""
+        rows = [r for r in self.read() if int(r["epoch"]) <= epoch]
+        if row is not None and not any(int(r["epoch"]) == epoch for r in rows):
+            rows.append(row)
+        write_csv(self.path, self.fields, rows)
 
     def append(self, row: dict) -> None:
         """Add one row; the file is rewritten atomically, so a kill never leaves half a row."""

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import checkpoint, inference
+from ..files import DiskFull
 from ..analysis import DriftMonitor
 from ..models import model_scheme
 from ..multilevel import grow
@@ -97,6 +98,7 @@ class Run:
         self.stamp = self.dir.stamp()
         self.task = TASKS[config.task](config, self.device, self.rank, self.world)
         self.start, self.best, self.best_epoch, self.wall, self.times = 0, worst(self.task.higher), 0, 0.0, []
+        self.resumed_row = None
         torch.manual_seed(config.seed)
         self.record = self._record()
         self.net = self._placed(inference.build_network(self.record))
@@ -145,7 +147,7 @@ class Run:
         if self.config.schedule == "step":  # the milestones of a run that grew (--resume --epochs/--milestones)
             self.sched.milestones = Counter(m * self.task.steps_per_epoch for m in self.config.milestones)
         set_rng_state(ckpt["rng"], self.device)
-        self.start, self.best = ckpt["epoch"], ckpt[f"best_{self.task.metric}"]
+        self.start, self.best, self.resumed_row = ckpt["epoch"], ckpt[f"best_{self.task.metric}"], ckpt.get("row")
         self.best_epoch, self.wall = ckpt.get("best_epoch", 0), ckpt.get("wall_s", 0.0)
 
     def grow(self) -> None:
@@ -195,14 +197,18 @@ class Run:
         return {"train_loss": loss_sum / count, "train_acc": correct / count, "lr": lr, "step": (epoch + 1) * n,
                 f"{unit}_per_s": count / (time.perf_counter() - t0), "drift_max": drift}
 
+    def _kept(self) -> str:
+        """What the run directory holds, in words."""
+        if not self.dir.last.exists():
+            return "nothing was saved" + (" but config.json" if self.dir.config.exists() else "")
+        saved = checkpoint.load(self.dir.last)
+        return f"{self.dir.last} holds epoch {saved['epoch']} and {self.dir.best} epoch {saved['best_epoch']}"
+
     def _fault(self, what: str, where: str) -> NonFiniteError:
         """The one-line report of a non-finite value: where, what the files hold, what to try."""
-        done = self.start + len(self.times)
-        kept = (f"{self.dir.last} holds epoch {done}, the last finite one, and {self.dir.best} epoch {self.best_epoch}"
-                if done else "nothing was saved (no finite epoch yet)")
-        h = " or --h" if model_scheme(self.config.model).has_step else ""
-        return NonFiniteError(what, f"non-finite {what} {where}; training stopped, {kept}. Try a smaller --lr "
-                                    f"(now {self.config.lr:g}){h}, then start again or --init-from a checkpoint")
+        h = " or --h" if self.config.model != sources.HF and model_scheme(self.config.model).has_step else ""
+        return NonFiniteError(what, f"non-finite {what} {where}; training stopped, {self._kept()}. Try a smaller "
+                                    f"--lr (now {self.config.lr:g}){h}, then start again or --init-from a checkpoint")
 
     def fit(self) -> dict:
         epoch = self.start
@@ -214,6 +220,10 @@ class Run:
                     self._epoch(epoch)
             except KeyboardInterrupt:
                 raise self._interrupted(epoch) from None
+            except DiskFull as e:
+                raise DiskFull(e.path, e.needed, e.free, f"{e}; {self._kept()}. Free the space and "
+                               + (f"continue with: revnets train --resume {self.dir.path}" if self.dir.last.exists()
+                                  else "start again")) from None
             return self._finish()
 
     def _epoch(self, epoch: int) -> None:
@@ -259,12 +269,15 @@ class Run:
             print(f"note: {note}", flush=True)
 
     def _write_epoch(self, row: dict, state: dict) -> None:
-        if not self.written:  # config.json and metrics.csv come with the first checkpoint
+        """config.json (with the first epoch written), the checkpoints (holding the epoch's metrics
+        row), then metrics.csv: a run stopped in between resumes with its files in step."""
+        if not self.written:
             self.dir.write_config(self.config, self.start)
-            self.metrics.keep_until(self.start)
+        self.dir.save({**state, "row": row}, best=self.best_epoch == row["epoch"])
+        if not self.written:
+            self.metrics.keep_until(self.start, self.resumed_row)
             self.written = True
         self.metrics.append(row)
-        self.dir.save(state, best=self.best_epoch == row["epoch"])
         left = self.config.epochs - row["epoch"]
         print(self.task.epoch_line(row, self.config.epochs, left * sum(self.times) / len(self.times),
                                    distributed.memory_label(self.device))
