@@ -34,6 +34,7 @@ TINY = ["--units", "1", "1", "1", "--channels", "8", "16", "32", "--batch-size",
     (["--milestones", "3", "2"], "--milestones must be increasing positive epochs"),
     (["--device", "foo"], "device 'foo' is not usable here"),
     (["--device", "cuda:99"], "device 'cuda:99' is not usable here"),
+    (["--device", "meta"], "device 'meta' holds no data"),
     (["--init-from", "/nonexistent.pt"], "--init-from /nonexistent.pt: no such checkpoint file"),
     (["--out", "{file}"], "is a file, not a directory"),
 ])

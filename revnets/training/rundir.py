@@ -17,13 +17,14 @@ Ctrl-C held back in between; a kill between the two (or any other) is repaired o
 (`RunDir.repair`).
 """
 import contextlib
+import errno
 import fcntl
 import json
 import os
 from pathlib import Path
 
 from .. import checkpoint
-from ..files import check_directory, deferred_interrupt, write_json
+from ..files import DiskFull, check_directory, deferred_interrupt, write_json
 from .settings import GROWABLE, Config, changed_settings, check_extension, config_dict
 
 RUN_FILES = ("config.json", "metrics.csv", "last.pt", "best.pt", "summary.json")
@@ -74,6 +75,8 @@ class RunDir:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise DiskFull(lock, 4096, 0) from None
             raise ValueError(f"{lock} cannot be the lock of {self.path} ({e.strerror}): remove it if no "
                              "revnets train uses it") from None
         try:
@@ -90,7 +93,12 @@ class RunDir:
             if content:
                 print(f"note: taking over {lock}, left by {owner}, which no longer runs", flush=True)
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise DiskFull(lock, 4096, 0) from None
+                raise
             self._remove_temporaries()
             try:
                 yield self

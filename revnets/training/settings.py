@@ -308,6 +308,8 @@ def check_device(name: str) -> torch.device:
     except (RuntimeError, AssertionError) as e:
         raise ValueError(f"device {name!r} is not usable here ({str(e).splitlines()[0]}); "
                          "expected e.g. cpu, cuda, cuda:1") from None
+    if device.type == "meta":
+        raise ValueError(f"device {name!r} holds no data (tensors without storage); expected e.g. cpu, cuda, cuda:1")
     return device
 
 
