@@ -83,14 +83,22 @@ class ReversibleBlock(nn.Module):
     def couplings(self) -> tuple[Coupling, ...]:
         raise NotImplementedError
 
-    def forward(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        for coupling in self.couplings():
+    def forward(self, a: Tensor, b: Tensor, before: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor]:
+        """The couplings in order, calling `before(i)` ahead of coupling i if given (the engine replays
+        random numbers with it, through the block's own call, where FSDP gathers its parameters)."""
+        for i, coupling in enumerate(self.couplings()):
+            if before is not None:
+                before(i)
             a, b = coupling(a, b)
         return a, b
 
-    def inverse(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        for coupling in reversed(self.couplings()):
-            a, b = coupling.invert(a, b)
+    def inverse(self, a: Tensor, b: Tensor, before: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor]:
+        """The exact inverse: the couplings' inverses from the last, `before(i)` ahead of coupling i."""
+        couplings = self.couplings()
+        for i in reversed(range(len(couplings))):
+            if before is not None:
+                before(i)
+            a, b = couplings[i].invert(a, b)
         return a, b
 
     @classmethod

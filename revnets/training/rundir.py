@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .. import checkpoint
 from ..files import DiskFull, check_directory, deferred_interrupt, write_json
-from .settings import GROWABLE, Config, changed_settings, check_extension, config_dict
+from .settings import GROWABLE, PLACE, Config, changed_settings, check_extension, config_dict
 
 RUN_FILES = ("config.json", "metrics.csv", "last.pt", "best.pt", "summary.json")
 
@@ -56,7 +56,8 @@ class RunDir:
         if differ:
             raise ValueError(f"{self.last} was saved by a run with other settings: "
                              + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in differ.items()))
-        check_extension(Config.from_dict({**ckpt["config"], "resume": str(self.path)}), config, ckpt["epoch"])
+        saved = Config.from_dict({**ckpt["config"], **{k: getattr(config, k) for k in PLACE}})
+        check_extension(saved, config, ckpt["epoch"])
         return ckpt
 
     def stamp(self) -> tuple[int, int] | None:

@@ -331,8 +331,8 @@ def config_from_flags(given: dict) -> Config:
         raise FileNotFoundError(f"--resume {run}: no last.pt and config.json there (not a run directory "
                                 "or killed before its first epoch)")
     content = read_json(run / "config.json")
-    saved = Config.from_dict({**content, "resume": str(run), "out": str(run),
-                              "device": given.get("device", content.get("device"))})
+    saved = Config.from_dict({**content, "resume": str(run), "out": str(run), "fsdp": given.get("fsdp", False),
+                              "device": given.get("device", content.get("device"))})  # --fsdp: this invocation's
     differ = [k for k, v in given.items() if k not in PLACE + GROWABLE and getattr(saved, k) != v]
     if "out" in given and Path(given["out"]).resolve() != run.resolve():
         differ.append("out")
