@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import revnets
 from revnets import checkpoint
+from revnets.inference import logits
 from revnets.training import distributed
 
 from helpers import relative_error
@@ -29,11 +30,18 @@ TEXT_CASES = {f"transformer-{s}": dict(scheme=s) for s in TRANSFORMERS} | {
     "transformer-midpoint-dropout": dict(scheme="midpoint", dropout=0.2)}
 STACK_CASES = {f"stack-{s}-dim{d}": dict(scheme=s, dim=d) for d in (0, 1, 2, 3) for s in ("hamiltonian", "leapfrog")}
 IMAGE_CASES = {"network-hamiltonian": "hamiltonian-74", "network-revnet": "revnet-38", "network-resnet": "resnet-32"}
+HF_CASES = {"hf-llama-leapfrog": "leapfrog", "hf-llama-hamiltonian": "hamiltonian"}  # revnets.hf's conversions
 SPATIAL = {0: (), 1: (6,), 2: (4, 4), 3: (3, 3, 3)}
 
 
 def build(case: str) -> torch.nn.Module:
     torch.manual_seed(0)
+    if case in HF_CASES:
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from revnets.hf import reversible
+        return reversible(LlamaForCausalLM(LlamaConfig(
+            vocab_size=11, hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=8)), HF_CASES[case])
     if case in TEXT_CASES:
         return revnets.ReversibleTransformer(11, 16, 4, 2, 8, **TEXT_CASES[case])
     if case in STACK_CASES:
@@ -44,7 +52,7 @@ def build(case: str) -> torch.nn.Module:
 
 def batch(case: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     g = torch.Generator().manual_seed(1)
-    if case in TEXT_CASES:
+    if case in TEXT_CASES or case in HF_CASES:
         x = torch.randint(0, 11, (4, 8), generator=g)
         return x, x.roll(-1, 1)
     if case in STACK_CASES:
@@ -53,7 +61,7 @@ def batch(case: str) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def loss(model, x, y):
-    out = model(x)
+    out = logits(model(x))
     return F.cross_entropy(out.flatten(0, -2), y.flatten()) if y is not None else (out.pow(2).sum() + out.sum()) / len(x)
 
 
@@ -85,7 +93,7 @@ def _worker(rank, world, store, cases, out):
 def sharded_grads(tmp_path_factory):
     """Every case's parameter gradients from two processes, each block and the root sharded."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    cases = [*TEXT_CASES, *STACK_CASES, *IMAGE_CASES]
+    cases = [*TEXT_CASES, *STACK_CASES, *IMAGE_CASES, *HF_CASES]
     mp.start_processes(_worker, args=(2, tmp / "store", cases, tmp / "grads.pt"), nprocs=2, start_method="spawn")
     return torch.load(tmp / "grads.pt")
 
@@ -102,7 +110,7 @@ def _reference(case: str) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("case", [*TEXT_CASES, *STACK_CASES, *IMAGE_CASES])
+@pytest.mark.parametrize("case", [*TEXT_CASES, *STACK_CASES, *IMAGE_CASES, *HF_CASES])
 def test_per_block_fsdp_gradients_equal_single_process_plain_autograd(sharded_grads, case):
     got = torch.cat([g.flatten() for g in sharded_grads[case]])
     assert relative_error(got, _reference(case)) < 1e-9
