@@ -36,6 +36,31 @@ them (float64 to 1e-9), or an error.
     (`DriftMonitor`) keeps measuring.
   * Parameter gradients are returned through the autograd.Function (computed with
     `torch.autograd.grad`), so DistributedDataParallel sees each parameter ready exactly once.
+  * Blocks sharded by FSDP2 (`fully_shard` on each, as FSDP is used) hold only a shard of their
+    parameters between calls, and FSDP gathers them in hooks on a block's own calls. A chain of
+    such blocks runs block by block through those calls (`_Sharded`): forward, `inverse` (registered
+    with `register_fsdp_forward_method`) and, in the backward, the block's forward recomputed whole
+    from its rebuilt input, its parameters' gradients accumulated for FSDP to reduce-scatter; each
+    block is gathered while it runs and resharded after, as FSDP does for a plain model. It costs one
+    more forward of each block than the unsharded backward; `create_graph=True` is refused there.
+
+Under `torch.compile` the engine is where the compiled model's graph breaks, and it compiles the
+residual functions itself. Dynamo cannot trace the engine (its forward reads and sets the
+random-number state, its backward calls `torch.autograd.grad`), and a whole-chain graph would leave
+the backward to AOTAutograd, which stores activations instead of rebuilding them. So `reversible`
+is traced only as far as the question "is there anything to back-propagate?" (no: `sequential`,
+compiled with the rest of the model, e.g. evaluation under `no_grad`); the memory-efficient path
+runs outside the graph (`torch.compiler.disable`), coupling by coupling as in eager mode, with each
+coupling's residual function u run through `torch.compile` with its default backend (inductor, or
+what `torch.compiler.set_default_backend` chose; the arguments of the model's own `torch.compile`
+do not reach past the graph break): u's inference graph in the forward, its training graph
+(forward and backward kernels) in the backward's recomputation. A block's method is compiled
+through its function, so the blocks of a class share one compiled graph, their parameters its
+inputs, and a chain compiles once per class and grad mode whatever its depth (`compiled_steps`).
+The couplings' own additions and the Python between the graphs stay eager. Every guarantee above
+holds as in eager mode (what the replay restores is what the compiled graphs are guarded on),
+except that `create_graph=True` recomputes with the eager residual functions (AOTAutograd's graphs
+have no double backward). Under `torch.compile(..., fullgraph=True)` the graph break is an error.
 
 Segment storage bounds the drift of floating-point reversal. With `segment=k` the engine keeps
 the exact state every k blocks and reverses only inside a segment, so the rounding of at most k
@@ -44,6 +69,8 @@ no rebuilt state is ever used). `choose_segment` picks the largest k whose measu
 error on the current batch stays under a tolerance, and `AutoSegment` does it periodically
 during training (a unit's `segment="auto"`).
 """
+import functools
+import inspect
 import math
 import warnings
 import weakref
@@ -54,6 +81,11 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import Coupling, ReversibleBlock
+
+try:  # FSDP2, public since torch 2.6
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+except ImportError:  # no sharded block can reach the engine
+    FSDPModule, register_fsdp_forward_method = (), None
 
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
 Steps = list[tuple[Coupling, tuple[int, ...]]]
@@ -88,21 +120,34 @@ def reversible(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor,
 
     `segment`: None or math.inf reverses the whole chain (memory O(1) in depth); an integer k >= 1
     keeps the state every k blocks and reverses only within those segments (memory O(N / k)).
-    Gives the same values and gradients as `sequential` up to reversal drift (module docstring:
-    what is replayed, what raises). `name` names the chain in the drift warning.
+    `segment` may also be an `AutoSegment`, asked for k at every call with grad enabled. Gives the
+    same values and gradients as `sequential` up to reversal drift (module docstring: what is
+    replayed, what raises). `name` names the chain in the drift warning. Under `torch.compile` the
+    chain compiles its residual functions (module docstring).
     """
-    k = segment_length(segment, len(blocks))
+    if not torch.is_grad_enabled():
+        return sequential(blocks, a, b)
+    return _memory_efficient(blocks, a, b, segment, name, torch.compiler.is_compiling())
+
+
+@torch.compiler.disable
+def _memory_efficient(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor, segment, name: str,
+                      compiled: bool) -> tuple[Tensor, Tensor]:
+    k = segment_length(segment(blocks, a, b) if isinstance(segment, AutoSegment) else segment, len(blocks))
     for start in range(0, len(blocks), k):
         chunk = blocks[start:start + k]
-        a, b = _reversible_segment(chunk, a, b, f"{name} (blocks {start}-{start + len(chunk) - 1})")
+        a, b = _reversible_segment(chunk, a, b, f"{name} (blocks {start}-{start + len(chunk) - 1})", compiled)
     return a, b
 
 
-def _reversible_segment(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor, name: str) -> tuple[Tensor, Tensor]:
+def _reversible_segment(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor, name: str,
+                        compiled: bool) -> tuple[Tensor, Tensor]:
     params, layout = chain_parameters(blocks)
-    if not blocks or not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or params)):
+    if not blocks or not (a.requires_grad or b.requires_grad or params):
         return sequential(blocks, a, b)
-    return _Reversible.apply(tuple(blocks), layout, name, a, b, *params)
+    if any(isinstance(block, FSDPModule) for block in blocks):
+        return _Sharded.apply(tuple(blocks), name, a, b, *params)
+    return _Reversible.apply(tuple(blocks), layout, name, compiled, a, b, *params)
 
 
 def segment_length(segment: int | float | None, n: int) -> int:
@@ -256,10 +301,11 @@ def _run(steps: Steps, a: Tensor, b: Tensor, before: Callable[[int], None]) -> t
 
 class _Reversible(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, blocks, layout, name, a, b, *params):
+    def forward(ctx, blocks, layout, name, compiled, a, b, *params):
         ctx.steps, ctx.params, ctx.name = chain_steps(blocks, layout), params, name
+        ctx.run = compiled_steps(ctx.steps) if compiled else ctx.steps  # what forward and reversal run
         ctx.replay = Replay(blocks, a.device)
-        x, y = ctx.replay.forward(ctx.steps, a, b)
+        x, y = ctx.replay.forward(ctx.run, a.detach(), b.detach())
         ctx.save_for_backward(a, b, x, y, *params)  # unpacking checks the version counters
         return x, y
 
@@ -267,19 +313,70 @@ class _Reversible(torch.autograd.Function):
     def backward(ctx, grad_x, grad_y):
         a, b, x, y, *_ = ctx.saved_tensors  # raises if a parameter was modified in place since
         with ctx.replay():
-            if torch.is_grad_enabled():  # create_graph=True
+            if torch.is_grad_enabled():  # create_graph=True: eager residual functions, differentiable twice
                 grads = recompute_backward(ctx.replay.rerun, ctx.steps, a, b, ctx.params, grad_x, grad_y)
             else:
                 grads = _reverse_backward(ctx, a, b, x, y, grad_x, grad_y)
-        return None, None, None, *grads
+        return None, None, None, None, *grads
+
+
+class _Sharded(torch.autograd.Function):
+    """The engine on blocks sharded by FSDP2: each block runs through its own calls, where FSDP
+    gathers its parameters (module docstring); the parameters' gradients go to FSDP, not through
+    this Function's outputs."""
+
+    @staticmethod
+    def forward(ctx, blocks, name, a, b, *params):
+        for block in dict.fromkeys(blocks):
+            if isinstance(block, FSDPModule) and "inverse" not in vars(block):
+                register_fsdp_forward_method(block, "inverse")
+        ctx.blocks, ctx.name, ctx.n_params = blocks, name, len(params)
+        ctx.starts = [sum(len(blk.couplings()) for blk in blocks[:j]) for j in range(len(blocks))]
+        ctx.replay = Replay(blocks, a.device)
+        x, y = ctx.replay.record(lambda before: _run_blocks(blocks, ctx.starts, a, b, before))
+        ctx.save_for_backward(a, b, x, y)
+        return x, y
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_y):
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"{ctx.name}: create_graph=True through blocks sharded by FSDP is not supported; "
+                               "compute higher-order gradients without fully_shard on the blocks")
+        a0, b0, x, y = ctx.saved_tensors
+        with ctx.replay(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*returned a view tensor")  # no in-place use of outputs here
+            for j in reversed(range(len(ctx.blocks))):
+                block, k0 = ctx.blocks[j], ctx.starts[j]
+                seed = (lambda i, k0=k0: ctx.replay.seed(k0 + i))
+                if j > 0 or ctx.replay.first not in _CHECKED:
+                    with torch.no_grad():
+                        rebuilt = block.inverse(x, y, before=seed)
+                a, b = (t.detach().requires_grad_() for t in ((a0, b0) if j == 0 else rebuilt))
+                with torch.enable_grad():
+                    out = block(a, b, before=seed)
+                    wrt = [a, b, *(p for p in block.parameters() if p.requires_grad)]
+                    torch.autograd.backward(out, (grad_x, grad_y), inputs=wrt)  # FSDP reduce-scatters the weights'
+                grad_x, grad_y = (t.grad if t.grad is not None else torch.zeros_like(t) for t in (a, b))
+                x, y = a.detach(), b.detach()
+            if ctx.replay.first not in _CHECKED:
+                _CHECKED.add(ctx.replay.first)
+                _warn_on_drift(ctx.name, rebuilt, (a0, b0), ctx.replay.autocast)
+        return None, None, grad_x, grad_y, *([None] * ctx.n_params)
+
+
+def _run_blocks(blocks, starts: list[int], a: Tensor, b: Tensor, before: Callable[[int], None]):
+    """The blocks on (a, b) through their own calls, calling `before(k)` ahead of coupling k."""
+    for block, k0 in zip(blocks, starts):
+        a, b = block(a, b, before=lambda i, k0=k0: before(k0 + i))
+    return a, b
 
 
 def _reverse_backward(ctx, a0: Tensor, b0: Tensor, p: Tensor, q: Tensor, grad_x: Tensor, grad_y: Tensor) -> list:
     """The memory-efficient backward: rebuild each coupling's input from its output while
     back-propagating through it; the first coupling runs at the kept input b0."""
     grads = [None] * len(ctx.params)
-    for k in reversed(range(len(ctx.steps))):
-        coupling, ix = ctx.steps[k]
+    for k in reversed(range(len(ctx.run))):
+        coupling, ix = ctx.run[k]
         b = (b0 if k == 0 else p).detach().requires_grad_()
         ctx.replay.seed(k)
         u, grad_x, grad_y = coupling_backward(coupling, b, ctx.params, ix, grads, grad_x, grad_y)
@@ -323,6 +420,34 @@ def chain_steps(blocks: Sequence[ReversibleBlock], layout: tuple[tuple[int, ...]
     """The chain's couplings in order, each with the parameter indices of its block."""
     layout = layout if layout is not None else [()] * len(blocks)
     return [(c, ix) for block, ix in zip(blocks, layout) for c in block.couplings()]
+
+
+def compiled_steps(steps: Steps) -> Steps:
+    """`steps` with each coupling's residual function run through `torch.compile`.
+
+    A method is compiled through its function and a module through its class's `forward` (its
+    hooks do not run), so the blocks of one class share one compiled graph and recompile only where
+    their guards differ (grad mode, training mode, shapes, h). Other callables, such as a closure
+    made afresh at every call (`revnets.hf`'s layers), run as they are.
+    """
+    return [(Coupling(c.sign, _compiled(c.update)), ix) for c, ix in steps]
+
+
+# (a method's function or a module's forward, torch.compile's default backend) -> it compiled
+_COMPILED: dict[tuple[Callable, object], Callable] = {}
+
+
+def _compiled(update: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    if inspect.ismethod(update):
+        fn, owner = update.__func__, update.__self__
+    elif isinstance(update, nn.Module):
+        fn, owner = type(update).forward, update
+    else:
+        return update
+    key = fn, torch.compiler.get_default_backend()
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, backend=key[1])
+    return functools.partial(_COMPILED[key], owner)
 
 
 def coupling_backward(coupling: Coupling, b: Tensor, params, ix, grads: list, grad_x: Tensor, grad_y: Tensor):

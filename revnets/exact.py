@@ -75,6 +75,7 @@ def invert_int(blocks: Sequence[ReversibleBlock], qa: Tensor, qb: Tensor, dtype:
     return qa, qb
 
 
+@torch.compiler.disable
 def reversible(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor,
                frac_bits: int = FRAC_BITS) -> tuple[Tensor, Tensor]:
     """The fixed-point chain on the float state (a, b), back-propagated by exact integer reversal.
@@ -82,7 +83,9 @@ def reversible(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor,
     Returns the output state in a's dtype; keeps the output's integers and the input (a, b) for
     the backward. Replays what `revnets.engine` replays (random numbers, autocast, training modes,
     h); `create_graph=True` back-propagates through a differentiable recomputation (`sequential`)
-    from the kept input.
+    from the kept input. Under `torch.compile` the chain runs eagerly, a graph break: the bits of
+    an increment must be the same in the forward and in the backward, and a compiled inference
+    graph and training graph need not round alike.
     """
     params, layout = chain_parameters(blocks)
     if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or params)):

@@ -51,8 +51,7 @@ class ReversibleChain(nn.ModuleList):
             return (fixed_point.reversible if self.memory_efficient else fixed_point.sequential)(self, a, b)
         if not self.memory_efficient:
             return sequential(self, a, b)
-        segment = self.segment(self, a, b) if isinstance(self.segment, AutoSegment) else self.segment
-        return reversible(self, a, b, segment, name=self.name)
+        return reversible(self, a, b, self.segment, name=self.name)
 
 
 def chains(model: nn.Module) -> list[ReversibleChain]:

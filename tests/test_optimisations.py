@@ -1,7 +1,8 @@
 """The speed options a user can switch on give the same gradients as the default path.
 
-channels-last memory format and torch.compile are what `revnets train --channels-last --compile`
-apply on a GPU; here they are checked on the CPU, in float64, against the default NCHW eager step.
+channels-last memory format is what `revnets train --channels-last` applies on a GPU; here it is
+checked on the CPU, in float64, against the default NCHW step. `--compile` (torch.compile) has its
+own tests: tests/test_compile.py.
 """
 import pytest
 import torch
@@ -35,11 +36,3 @@ def test_channels_last_gives_the_same_gradients(name):
     model = model.to(memory_format=torch.channels_last)
     assert model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
     _assert_close(_grads(model, x.to(memory_format=torch.channels_last), y), want, rtol=1e-12)
-
-
-def test_compiled_model_gives_the_same_gradients():
-    """The engine's autograd.Function goes through torch.compile's tracing (aot_eager backend:
-    the same graph capture as inductor, without generating kernels, so it runs in seconds)."""
-    model, x, y = _model_and_batch("hamiltonian-74")
-    want = _grads(model, x, y)
-    _assert_close(_grads(torch.compile(model, backend="aot_eager"), x, y), want, rtol=1e-12)

@@ -41,7 +41,8 @@ def setup(device: str) -> tuple[int, int, torch.device]:
 
 
 def wrap(model: nn.Module, device: torch.device, world: int, compile: bool) -> nn.Module:
-    """What the training step calls: the model, in DDP when distributed, compiled with `compile`."""
+    """What the training step calls: the model, in DDP when distributed, compiled with `compile`
+    (`torch.compile`; its reversible chains compile their residual functions, see revnets.engine)."""
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     return torch.compile(model) if compile else model
