@@ -86,12 +86,15 @@ class Own(torch.nn.Module):
         return self.model(*args)
 
 
+def synchronize(device: str):
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
 def interleaved(runs: dict, rounds: int, device: str, counter) -> dict:
     """Per run: CPU ms (GPU: wall ms) of `rounds` calls, the runs' calls interleaved, after one
     untimed round; and the graphs compiled during the calls."""
-    cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    clock = time.perf_counter if cuda else time.process_time
+    sync = synchronize(device)
+    clock = time.perf_counter if device.startswith("cuda") else time.process_time
     times, graphs = {k: [] for k in runs}, dict.fromkeys(runs, 0)
     for r in range(rounds + 1):
         for key, run in runs.items():
@@ -108,13 +111,14 @@ def interleaved(runs: dict, rounds: int, device: str, counter) -> dict:
 
 def step_times(comparison: str, models: dict, step, device: str, rounds: int, counter) -> tuple[list[dict], dict]:
     """Rows of one comparison (its baseline the first model), and the compiled and eager models."""
-    baseline, compiled, first = next(iter(models)), {}, {}
+    baseline, runs, first = next(iter(models)), {}, {}
     for name, model in models.items():
-        compiled[name, "eager"], compiled[name, "compiled"] = model, torch.compile(Own(model) if name == baseline
-                                                                                   else model)
+        runs[name, "eager"] = model
+        runs[name, "compiled"] = torch.compile(Own(model) if name == baseline else model)
         for mode in ("eager", "compiled"):
             before, t = counter.frame_count, time.perf_counter()
-            step(compiled[name, mode])
+            step(runs[name, mode])
+            synchronize(device)()
             first[name, mode] = (time.perf_counter() - t, counter.frame_count - before)
 
     def run(model):
@@ -122,7 +126,7 @@ def step_times(comparison: str, models: dict, step, device: str, rounds: int, co
             model.zero_grad(set_to_none=False)
             step(model)
         return once
-    found = interleaved({key: run(m) for key, m in compiled.items()}, rounds, device, counter)
+    found = interleaved({key: run(m) for key, m in runs.items()}, rounds, device, counter)
     rows = []
     for (name, mode), ms in found["ms"].items():
         base, eager = found["ms"][baseline, mode], found["ms"][name, "eager"]
@@ -131,7 +135,7 @@ def step_times(comparison: str, models: dict, step, device: str, rounds: int, co
                          vs_baseline_median=f"{statistics.median(ms) / statistics.median(base):.2f}",
                          vs_eager=f"{min(ms) / min(eager):.2f}", first_step_s=first[name, mode][0],
                          graphs=first[name, mode][1], recompiles=found["graphs"][name, mode]))
-    return rows, compiled
+    return rows, runs
 
 
 def middle_block(model: torch.nn.Module) -> torch.nn.Module:
