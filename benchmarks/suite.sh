@@ -16,5 +16,6 @@ else
   python deep.py --amp bfloat16 --record
   python throughput.py --record
   python floor.py --amp bfloat16 --record
+  python compile.py --device cuda --record
   python train_cifar.py --data-dir "${CIFAR_DIR:-/tmp/cifar10}" --record
 fi

@@ -444,10 +444,16 @@ def _compiled(update: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
         fn, owner = type(update).forward, update
     else:
         return update
-    key = fn, torch.compiler.get_default_backend()
+    key = fn, _default_backend()
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(fn, backend=key[1])
     return functools.partial(_COMPILED[key], owner)
+
+
+def _default_backend() -> str | Callable:
+    """torch.compile's default backend: settable since torch 2.1x, inductor before."""
+    get = getattr(torch.compiler, "get_default_backend", None)
+    return get() if get else "inductor"
 
 
 def coupling_backward(coupling: Coupling, b: Tensor, params, ix, grads: list, grad_x: Tensor, grad_y: Tensor):

@@ -29,3 +29,13 @@ def test_transformer_text_smoke_trains_every_part_through_the_library_run(tmp_pa
     shallow = {r["model"]: r["saved_mb"] for r in result["memory"] if r["depth"] == 2}
     assert deep["leapfrog"] == shallow["leapfrog"] < deep["residual"]  # flat in depth; the residual model grows
     assert (tmp_path / "transformers-bpc.png").stat().st_size > 10_000
+
+
+def test_engine_overhead_runs_its_four_variants():
+    done = subprocess.run([sys.executable, "engine_overhead.py", "--blocks", "2", "--channels", "4", "--size", "8",
+                           "--batch", "2", "--repeats", "1"],
+                          cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for variant in ("| plain |", "| reversible |", "| reversible, bare |", "| reversible, check every step |"):
+        assert variant in done.stdout

@@ -31,6 +31,7 @@ TEXT_CASES = {f"transformer-{s}": dict(scheme=s) for s in TRANSFORMERS} | {
 STACK_CASES = {f"stack-{s}-dim{d}": dict(scheme=s, dim=d) for d in (0, 1, 2, 3) for s in ("hamiltonian", "leapfrog")}
 IMAGE_CASES = {"network-hamiltonian": "hamiltonian-74", "network-revnet": "revnet-38", "network-resnet": "resnet-32"}
 HF_CASES = {"hf-llama-leapfrog": "leapfrog", "hf-llama-hamiltonian": "hamiltonian"}  # revnets.hf's conversions
+COMPILED = ("whole", "per-block")
 SPATIAL = {0: (), 1: (6,), 2: (4, 4), 3: (3, 3, 3)}
 
 
@@ -76,6 +77,20 @@ def _worker(rank, world, store, cases, out):
         torch.manual_seed(5)  # the same dropout masks as the reference's first shard (rank 0) or second
         loss(model, x[shard], None if y is None else y[shard]).backward()
         grads[case] = [p.grad.full_tensor() for p in model.parameters()]
+    for mode in COMPILED:  # torch.compile (aot_eager) of the sharded model, or of each sharded block
+        model = distributed.shard(build("transformer-midpoint-dropout").double())
+        if mode == "whole":
+            model = torch.compile(model, backend="aot_eager")
+        else:
+            for block in model.blocks:
+                block.compile(backend="aot_eager")
+        x, y = batch("transformer-midpoint-dropout")
+        shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        for _ in range(2):  # the second step runs the compiled graphs
+            model.zero_grad()
+            torch.manual_seed(5)
+            loss(model, x[shard], y[shard]).backward()
+        grads[f"compiled-{mode}"] = [p.grad.full_tensor() for p in model.parameters()]
     for memory_efficient in (True, False):  # bf16 parameters and float32 reduction (MixedPrecisionPolicy)
         model = distributed.shard(build("transformer-leapfrog").float(), amp="bf16")
         model.memory_efficient = memory_efficient
@@ -114,6 +129,12 @@ def _reference(case: str) -> torch.Tensor:
 def test_per_block_fsdp_gradients_equal_single_process_plain_autograd(sharded_grads, case):
     got = torch.cat([g.flatten() for g in sharded_grads[case]])
     assert relative_error(got, _reference(case)) < 1e-9
+
+
+@pytest.mark.parametrize("mode", COMPILED)
+def test_compiled_sharded_models_give_single_process_plain_autograd_gradients(sharded_grads, mode):
+    got = torch.cat([g.flatten() for g in sharded_grads[f"compiled-{mode}"]])
+    assert relative_error(got, _reference("transformer-midpoint-dropout")) < 1e-9
 
 
 def test_bf16_parameters_give_gradients_as_accurate_as_plain_autograd_with_them(sharded_grads):
