@@ -12,8 +12,14 @@ Named models (Table 1, language-model sizes) are in `revnets.models`.
 """
 from typing import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+try:  # public since torch 2.5; FSDP2's sharded parameters
+    from torch.distributed.tensor import DTensor
+except ImportError:
+    DTensor = ()
 
 from .blocks import ReversibleBlock, check_dim, check_positive, conv3x3
 from . import exact as fixed_point
@@ -250,13 +256,19 @@ def smoothness_penalty(model: nn.Module) -> Tensor:
     if not isinstance(model, Network):
         raise ValueError(f"the smoothness penalty of Eq. (22) reads a Network's convolution kernels; got "
                          f"{type(model).__name__}")
-    total = model.head.weight.new_zeros(())
+    total = torch.zeros((), dtype=model.head.weight.dtype, device=model.head.weight.device)
     for unit in model.units:
         blocks = list(unit)
-        kernels = [[m.weight for m in b.modules() if isinstance(m, nn.Conv2d)] for b in blocks]
+        kernels = [[_full(m.weight) for m in b.modules() if isinstance(m, nn.Conv2d)] for b in blocks]
         for j in range(len(blocks) - 1):
             h = getattr(blocks[j], "h", 1.0)
             for k0, k1 in zip(kernels[j], kernels[j + 1]):
                 if k0.shape == k1.shape:
                     total = total + (k0 - k1).pow(2).sum() / h
     return total
+
+
+def _full(w: Tensor) -> Tensor:
+    """The whole of a parameter that FSDP2 holds sharded (a DTensor between a block's calls),
+    differentiably: its gradient goes to this process's shard."""
+    return w.full_tensor() if isinstance(w, DTensor) else w

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import revnets
 from revnets import checkpoint
 from revnets.inference import logits
+from revnets.networks import smoothness_penalty
 from revnets.training import distributed
 
 from helpers import relative_error
@@ -62,8 +63,13 @@ def batch(case: str) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def loss(model, x, y):
+    """Cross-entropy (plus Eq. (22)'s smoothness penalty, with sharded kernels under FSDP, for image
+    networks) or a squared output."""
     out = logits(model(x))
-    return F.cross_entropy(out.flatten(0, -2), y.flatten()) if y is not None else (out.pow(2).sum() + out.sum()) / len(x)
+    if y is None:
+        return (out.pow(2).sum() + out.sum()) / len(x)
+    penalty = 0.1 * smoothness_penalty(model) if isinstance(model, revnets.Network) else 0
+    return F.cross_entropy(out.flatten(0, -2), y.flatten()) + penalty
 
 
 def _worker(rank, world, store, cases, out):
@@ -217,3 +223,13 @@ def test_fsdp_with_exact_reversal_exits_2_before_anything_is_written(tmp_path):
     done = _torchrun(*RUN, "--epochs=1", "--fsdp", "--exact", f"--out={tmp_path / 'run'}", check=False)
     assert done.returncode != 0 and "--fsdp cannot shard a run with --exact" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_sharded_image_run_trains_with_the_smoothness_penalty_and_its_checkpoint_evaluates(tmp_path):
+    """Image runs add Eq. (22)'s penalty (default 2e-4), computed from the shards' whole kernels."""
+    run = tmp_path / "run"
+    _torchrun("--dataset=digits", "--model=hamiltonian-74", "--units", "2", "2", "2", "--channels", "8", "16", "32",
+              "--batch-size=200", "--epochs=1", "--smoothness=1e-2", "--fsdp", f"--out={run}")
+    from revnets.cli import main
+    assert checkpoint.load(run / "last.pt")["epoch"] == 1
+    assert main(["eval", "--checkpoint", str(run / "best.pt")]) == 0
