@@ -161,8 +161,9 @@ def markdown(rows: list[dict], columns: list[str]) -> str:
 
 def record(title: str, device: str, table: str, notes: str = "") -> None:
     """Append a dated section with machine, torch version and command to BENCHMARKS.md."""
-    command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
-                                    else sys.argv[0], *sys.argv[1:]])
+    script = Path(sys.argv[0]).resolve()  # from the repository root, wherever the script was started from
+    command = "python " + " ".join([str(script.relative_to(ROOT)) if script.is_relative_to(ROOT) else sys.argv[0],
+                                    *sys.argv[1:]])
     section = (f"\n## {title} — {datetime.date.today().isoformat()}\n\n"
                f"Machine: {machine(device)}; torch {torch.__version__}. Command: `{command}`\n\n{table}\n")
     if notes:

@@ -6,9 +6,9 @@
 
 Two comparisons, each of a baseline and a reversible model, eager and compiled (`torch.compile`,
 inductor, which the engine also compiles the residual functions with: revnets.engine):
-  * transformer: Leapfrog against the residual (pre-norm, GPT-2) transformer at `--depths`, the
-    size of benchmarks/transformer_text.py (width 56, 4 heads, context 64, the standard MLP,
-    vocabulary 80, batch 32), one step of next-token cross-entropy;
+  * transformer: Leapfrog against the residual (pre-norm, GPT-2) transformer at `--depths`
+    (default 12), width 56, 4 heads, context 64, the standard MLP, vocabulary 80, batch 32 (`LM`,
+    `LM_BATCH`), one step of next-token cross-entropy;
   * image unit: one Hamiltonian unit of `--blocks` blocks at 32 channels, 32x32 inputs, batch 8
     (benchmarks/step_time.py's CPU setting) against the same unit with plain autograd.
 

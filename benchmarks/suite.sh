@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole benchmark suite in one command; every script appends a dated section to BENCHMARKS.md.
-#   bash benchmarks/suite.sh          # on a GPU machine: the tables (H100 settings);
+#   bash benchmarks/suite.sh          # on a GPU machine: the GPU tables of BENCHMARKS.md (H100 settings);
 #                                     # CIFAR_DIR (default /tmp/cifar10) is the CIFAR-10 image folder
 #   bash benchmarks/suite.sh --cpu    # on a CPU: the same scripts at sizes that finish in minutes
 set -euo pipefail
