@@ -22,7 +22,9 @@ while its scale gamma >= 0). Measurements here, all in float64 unless a dtype is
   * `growth`: ||dx_N|| / ||dx_0|| through N blocks by forward-mode differentiation (Eq. 4);
   * `eq21_roots`, `linear_revnet`: the linear analysis of Eq. (21);
   * `reversal_drift`: relative error of rebuilding a chain's input by exact inversion, per dtype;
-  * `check_step_size`: the largest stable h of a model on given data, with a warning past it.
+  * `check_step_size`: the largest stable h of a model on given data, with a warning past it;
+  * `first_block`: the block these measure in a network, with its input; `random_chain`: copies of
+    a block with independent random weights, against `[block] * N`'s time-invariant ones.
 
 Reversal drift of a trained model: a reversible chain's backward rebuilds every state from the
 chain's output with the blocks' inverses. In exact arithmetic that is the identity; in floating
@@ -49,11 +51,11 @@ from torch.func import jacrev, jvp
 from . import exact as fixed_point
 from .blocks import AdditiveCoupling, Field, ReversibleBlock
 from .engine import cuda_devices, frozen_running_stats, relative_error, segment_error
-from .networks import ReversibleChain, chains
+from .networks import Network, ReversibleChain, ReversibleUnit, chains
 
 __all__ = ["vector_field", "jacobian", "eigenvalues", "arnoldi", "ritz_values", "spectral_estimate", "growth",
            "eq21_roots", "linear_revnet", "reversal_drift", "reversal_error", "DriftMonitor", "block_inputs",
-           "check_step_size"]
+           "first_block", "random_chain", "check_step_size"]
 
 
 def vector_field(block: ReversibleBlock, a: Tensor, b: Tensor) -> tuple[Field, Tensor]:
@@ -249,6 +251,29 @@ def block_inputs(model: nn.Module, x: Tensor) -> list[tuple[ReversibleBlock, Ten
         for hook in hooks:
             hook.remove()
     return found
+
+
+def first_block(model: Network, x: Tensor) -> tuple[ReversibleBlock, Tensor, Tensor]:
+    """The first reversible block after the entry of the model's first reversible unit, and its input."""
+    units = [u for u in model.units if isinstance(u, ReversibleUnit)]
+    if not units or not len(units[0].blocks):
+        raise ValueError("the stability analysis needs a reversible model whose first unit has at least "
+                         f"2 blocks (got scheme {model.scheme!r}, units {model.units_spec})")
+    target = units[0].blocks[0]
+    return next((blk, a, b) for blk, a, b in block_inputs(model, x) if blk is target)
+
+
+def random_chain(block: nn.Module, n: int, seed: int) -> list[nn.Module]:
+    """n copies of `block`, each with freshly initialised parameters (independent random weights)."""
+    torch.manual_seed(seed)
+    chain = []
+    for _ in range(n):
+        fresh = copy.deepcopy(block)
+        for m in fresh.modules():
+            if m is not fresh and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        chain.append(fresh)
+    return chain
 
 
 def check_step_size(model: nn.Module, x: Tensor, steps: int = 30) -> dict:

@@ -21,14 +21,13 @@ import math
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .. import analysis, checkpoint, inference
 from ..blocks import ReversibleBlock
 from ..engine import sequential
 from ..files import check_directory, finite, save_png, write_json
 from ..models import MODELS, build_model, spec
-from ..networks import Network, ReversibleUnit
+from ..networks import Network
 from ..training.progress import bar
 from ..training.tasks import old_record
 from . import positive_int
@@ -36,17 +35,6 @@ from .eval import classifier_record
 
 DENSE_MAX = 2048
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
-FIGURES = ("eigenvalues", "growth", "reversal", "growth-vs-h")
-
-
-def first_block(model: Network, x: torch.Tensor) -> tuple[ReversibleBlock, torch.Tensor, torch.Tensor]:
-    """The first reversible block after the entry of the model's first reversible unit, and its input."""
-    units = [u for u in model.units if isinstance(u, ReversibleUnit)]
-    if not units or not len(units[0].blocks):
-        raise ValueError("analyze needs a reversible model whose first unit has at least 2 blocks "
-                         f"(got scheme {model.scheme!r}, units {model.units_spec})")
-    target = units[0].blocks[0]
-    return next((blk, a, b) for blk, a, b in analysis.block_inputs(model, x) if blk is target)
 
 
 def spectrum(block: ReversibleBlock, a: torch.Tensor, b: torch.Tensor) -> tuple[dict, torch.Tensor]:
@@ -60,19 +48,6 @@ def spectrum(block: ReversibleBlock, a: torch.Tensor, b: torch.Tensor) -> tuple[
     values, residuals = analysis.ritz_values(block, a, b, steps=80)
     summary = analysis.spectral_estimate(values, residuals)
     return {"method": "arnoldi", **summary}, values[residuals <= 1e-6 * summary["radius"]]
-
-
-def random_chain(block: nn.Module, n: int, seed: int) -> list[nn.Module]:
-    """n copies of `block`, each with freshly initialised parameters (independent random weights)."""
-    torch.manual_seed(seed)
-    chain = []
-    for _ in range(n):
-        fresh = copy.deepcopy(block)
-        for m in fresh.modules():
-            if m is not fresh and hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-        chain.append(fresh)
-    return chain
 
 
 def trajectory_spectra(block: ReversibleBlock, a: torch.Tensor, b: torch.Tensor, depths: list[int]) -> list[dict]:
@@ -91,10 +66,10 @@ def analyze_model(model: Network, x: torch.Tensor, depths: list[int], hs: list[f
                   seed: int) -> tuple[dict, torch.Tensor]:
     """The report entry of one model (see the module docstring) and its block's eigenvalues."""
     model.eval()
-    block, a, b = first_block(model, x)
+    block, a, b = analysis.first_block(model, x)
     summary, values = spectrum(block, a, b)
     deepest = depths[-1]
-    invariant, rand = [block] * deepest, random_chain(block, deepest, seed)
+    invariant, rand = [block] * deepest, analysis.random_chain(block, deepest, seed)
     log_g = {"time-invariant": analysis.growth(invariant, a, b, depths, seed),
              "random": analysis.growth(rand, a, b, depths, seed)}
     drift = {name: analysis.reversal_drift(invariant, a, b, depths, dtype) for name, dtype in DTYPES.items()}
