@@ -4,8 +4,9 @@ A checkpoint is a dict of tensors and plain Python values:
 
     {"model": state_dict, "config": the run's settings, "epoch": completed epochs,
      "record": the model record (`revnets.inference`: what rebuilds the model and what using it needs),
-     and, to resume: "optimizer", "scheduler", "rng", "best_<metric>" and "best_epoch" (the best
-     epoch's validation score; "scaler" with fp16)}
+     "row": the epoch's metrics row (its line of metrics.csv), "wall_s": seconds of training and
+     evaluation up to this epoch, and, to resume: "optimizer", "scheduler", "rng", "best_<metric>"
+     and "best_epoch" (the best epoch's validation score; "scaler" with fp16)}
 
 `save` writes through `files.atomic_write`, so a kill leaves either the old or the new checkpoint,
 never half of one. `load` unpickles with

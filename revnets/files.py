@@ -3,10 +3,10 @@
 The content is made in memory first; then a temporary file next to the target is written, flushed,
 fsynced and renamed over the target, so a kill leaves the old file or the new one, never half of
 one, and a disk without room for the content raises `DiskFull` (naming the file and the space it
-needs) before anything is written. JSON, CSV and PNG writers on top of
-it are used by `checkpoint`, `data`, `progress`, `plot`, `report`, `reproduce` and the run
-directory. `deferred_interrupt` holds a Ctrl-C back while a group of files is written;
-`check_directory` checks an output directory before anything is written into it.
+needs) before anything is written. JSON, CSV and PNG writers on top of it are used by `checkpoint`,
+`training.data`, `training.progress`, `cli.plot`, `cli.analyze`, `cli.reproduce` and the run
+directory (`training.rundir`). `deferred_interrupt` holds a Ctrl-C back while a group of files is
+written; `check_directory` checks an output directory before anything is written into it.
 """
 import contextlib
 import csv
@@ -68,16 +68,16 @@ def atomic_write(path: str | os.PathLike, write, text: bool = False) -> None:
         raise
 
 
-def check_directory(path: str | os.PathLike, flag: str = "--out") -> None:
-    """ValueError unless `path` (given as `flag`) is a directory, or can be made one, in a place this
+def check_directory(path: str | os.PathLike) -> None:
+    """ValueError unless `path` (given as --out) is a directory, or can be made one, in a place this
     process may write: nothing on the way is a file and the nearest existing directory is writable."""
     path = Path(path)
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
-        raise ValueError(f"{flag} {path} is a file, not a directory" if existing == path else
-                         f"{flag} {path}: {existing} is a file, not a directory")
+        raise ValueError(f"--out {path} is a file, not a directory" if existing == path else
+                         f"--out {path}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path}: cannot write in {existing} (permission denied)")
+        raise ValueError(f"--out {path}: cannot write in {existing} (permission denied)")
 
 
 def finite(obj):

@@ -5,8 +5,9 @@ step h / 2 that computes the same function up to O(h), and trains on from there.
 Each block of a reversible chain, the step Y_{j+1} = Phi_h(Y_j; K_j), becomes two consecutive copies
 Phi_{h/2}(Phi_{h/2}(Y_j; K_j); K_j): the same ODE over the same time interval, discretised twice as
 finely. A unit's entry block (which may widen the state) stays as it is. The first step of a
-language model's two-step chain (MidPoint's forward Euler step) becomes that first step and an
-ordinary one.
+language model's two-step chain (the layer whose `start` is set, `revnets.layers.Layer`: MidPoint's
+forward Euler step, Leapfrog's step from rest or from the fixed point) becomes that first step and
+an ordinary one.
 
 Two-step schemes (MidPoint, Leapfrog) carry the state (Y_{j-1}, Y_j), two points of the trajectory h
 apart: their difference is the step's velocity, Y' ~ (Y_j - Y_{j-1}) / h. With step h / 2 the pair
@@ -14,8 +15,9 @@ must be h / 2 apart, so after the entry block the grown unit re-spaces the pair 
 interpolation, Y_{j-1} <- Y_j - (Y_j - Y_{j-1}) / 2, which keeps the velocity. Without it a Leapfrog
 unit would advance its state twice as far (an O(1) change: with K = 0 its n blocks compute
 Y_j = (j + 1) Y_0) and a MidPoint unit would start an O(h) parasitic oscillation. The one-step
-schemes' state (Y, Z) is one point in time and needs nothing, nor does a language model's chain,
-which starts at rest from (x, x).
+schemes' state (Y, Z) is one point in time and needs nothing, nor does a language model's chain:
+it starts from the state (x, x), and its first layer places the point before x as its `init` says,
+at rest x itself, from the fixed point x - h F_0(x) with the halved h, so h / 2 before x.
 
 Measured in float64 on random weights (eval mode, tests/test_multilevel.py): the grown network's
 output differs by O(h) for MidPoint and O(h^2) for Hamiltonian and Leapfrog. In train mode,

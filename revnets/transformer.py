@@ -31,8 +31,10 @@ Choices, and why:
   * MidPoint's stability needs an antisymmetric Jacobian (Eq. 13-14), which no two-layer MLP with
     a wider hidden layer has, and Eq. (13)'s square (K - K^T) layer would hold an eighth of the
     MLP's weights: MidPoint, too, takes the standard MLP, as the reference does.
-  * The two-step schemes start at rest, (Y_{-1}, Y_0) = (x, x); MidPoint's first block is a forward
-    Euler step Y_1 = Y_0 + h F(Y_0) (Eq. 12), as in `revnets.blocks.MidPointBlock`. RevNet and
+  * The two-step schemes start at rest by default (`init="rest"`), (Y_{-1}, Y_0) = (x, x), or with
+    `init="fixed-point"` from Y_{-1} = x - h F_0(x), the point before x on the first layer's
+    trajectory (`revnets.layers.Layer`); MidPoint's first block is a forward Euler step
+    Y_1 = Y_0 + h F(Y_0) (Eq. 12) from either start, as in `revnets.blocks.MidPointBlock`. RevNet and
     Hamiltonian start from (x, x) as Reformer does. The head reads Y_N, or (Y + Z) / 2 for the
     pair schemes, so that it stays `width` wide and can be tied.
   * h = 1 (the default of every scheme with a step): the step multiplies a learned function whose

@@ -220,7 +220,6 @@ def test_generate_rejects_bad_settings():
         generate(tiny("leapfrog"), tokens(1, 2), 3, top_k=0)
 
 
-
 def test_ddp_gloo_gradients_equal_single_process(tmp_path):
     import torch.multiprocessing as mp
     model, x = tiny("leapfrog", torch.float32), tokens(4)

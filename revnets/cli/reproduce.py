@@ -169,7 +169,6 @@ def _sized_by_images(recipe: Recipe, fraction: float) -> dict:
     return sized
 
 
-
 def run_grid(runs: list[Run], out: Path) -> list[dict]:
     """Train every run of the grid in turn (skipping finished ones, resuming interrupted ones).
 
@@ -197,7 +196,8 @@ def execute(run: Run, out: Path) -> dict:
 
 
 def _check_settings(run_dir: Path, wanted) -> None:
-    """ValueError unless the finished run in run_dir was trained with the settings `wanted` (a config.Config)."""
+    """ValueError unless the finished run in run_dir was trained with the settings `wanted` (a
+    `revnets.training.settings.Config`)."""
     differ = changed_settings(json.loads((run_dir / "config.json").read_text()), wanted)
     if differ:
         raise ValueError(f"{run_dir} holds a run with other settings: "
