@@ -88,6 +88,8 @@ def reversible(blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor,
     graph and training graph need not round alike.
     """
     params, layout = chain_parameters(blocks)
+    if not blocks:
+        return a, b
     if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or params)):
         qx, qy = forward_int(blocks, quantize(a, frac_bits), quantize(b, frac_bits), a.dtype, frac_bits)
         return dequantize(qx, a.dtype, frac_bits), dequantize(qy, a.dtype, frac_bits)

@@ -73,3 +73,17 @@ def test_state_outside_the_fixed_point_range_is_refused():
         exact.reversible([block], a, a, frac_bits=62)
     with pytest.raises(ValueError, match="exact reversal stores no segments"):
         build_model("hamiltonian-74", units=(3, 3), channels=(8, 16), exact=True, segment=2)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_short_exact_stacks_get_plain_autograd_gradients(depth):
+    """A one-block stack leaves the fixed-point chain empty."""
+    from revnets import ReversibleStack
+    torch.manual_seed(0)
+    plain = ReversibleStack("hamiltonian", 4, depth, memory_efficient=False).double()
+    model = ReversibleStack("hamiltonian", 4, depth, exact=True).double()
+    model.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    grads = [torch.autograd.grad(m(x).pow(2).sum(), list(m.parameters())) for m in (plain, model)]
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g1, g0, rtol=1e-6, atol=1e-8)
