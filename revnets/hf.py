@@ -40,8 +40,6 @@ from .blocks import Coupling, check_step
 from .networks import MemoryEfficient, ReversibleChain
 from .schemes import SCHEMES, Scheme, get_scheme
 
-SUPPORTED = ">=5.25,<6"  # the transformers releases this module is written for (pyproject's hf extra)
-
 
 def _positions(x: Tensor, position_ids: Tensor | None, cache) -> Tensor:
     """(1, T) positions of x's tokens after the ones the cache holds."""

@@ -193,17 +193,27 @@ def build_network(rec: dict) -> nn.Module:
     return net
 
 
+def hugging_face():
+    """`revnets.hf`, or a ValueError saying how to install Hugging Face transformers, which it needs."""
+    try:
+        from . import hf
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "transformers":
+            raise
+        raise ValueError('a Hugging Face model needs the transformers package: pip install -e ".[hf]"') from None
+    return hf
+
+
 def _hf_network(rec: dict) -> nn.Module:
     """The Hugging Face model of a record (its config), converted as its overrides say (`revnets.hf`)."""
-    from .hf import from_config, reversible
-    model = from_config(json.loads(rec["hf_config"]))
-    return reversible(model, **rec["overrides"], memory_efficient=rec["memory_efficient"]) if rec["overrides"] \
+    hf = hugging_face()
+    model = hf.from_config(json.loads(rec["hf_config"]))
+    return hf.reversible(model, **rec["overrides"], memory_efficient=rec["memory_efficient"]) if rec["overrides"] \
         else model
 
 
 def _hf_layers(rec: dict) -> int:
-    from .hf import config_of
-    return config_of(json.loads(rec["hf_config"])).num_hidden_layers
+    return hugging_face().config_of(json.loads(rec["hf_config"])).num_hidden_layers
 
 
 def build(rec: dict) -> nn.Module:

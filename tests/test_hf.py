@@ -1,6 +1,7 @@
 """revnets.hf: tiny Hugging Face causal LMs (built here, nothing downloaded) converted into every
 reversible scheme: gradients equal plain autograd's, activations flat in depth, generation with the
 cache, the padding mask, save and load, the step against a formula, bad models refused."""
+import json
 import os
 import subprocess
 import sys
@@ -293,8 +294,11 @@ def test_distillation_steps_on_the_kl_from_the_teacher_and_keeps_none_of_its_act
     (["--convert", "leapfrog"], "--convert works on the model of --init-from"),
     (["--distill"], "--distill works on the model of --init-from"),
     (["--init-from", "{llama}", "--convert", "resnet"], "--convert needs a reversible scheme with a transformer layer"),
-    (["--init-from", "{llama}", "--context", "8"], "--context: not a setting of a Hugging Face model"),
-    (["--init-from", "{llama}", "--init", "rest"], "--h, --init: not a setting of a Hugging Face model that is not"),
+    (["--init-from", "{llama}", "--dropout", "0.1"], "--dropout: not a setting of a Hugging Face model"),
+    (["--init-from", "{llama}", "--convert", "midpoint", "--mlp", "symmetric"], "--mlp: not a setting of a Hugging"),
+    (["--init-from", "{llama}", "--init", "rest"], "--init: not a setting of a Hugging Face model that is not"),
+    (["--init-from", "{llama}", "--model", "leapfrog-lm-tiny"], "holds a Hugging Face model; leave --model out"),
+    (["--init-from", "{llama}", "--context", "9999"], "--context 9999 is longer than the model's 32 positions"),
     (["--init-from", "/nonexistent"], "--init-from /nonexistent: no such checkpoint file or Hugging Face model"),
     (["--init-from", "{llama}", "--convert", "revnet", "--h", "0.5"], "the revnet scheme has no step size h"),
 ])
@@ -310,3 +314,32 @@ def test_an_image_run_refuses_text_conversion(tmp_path, capsys):
     from revnets.cli import main
     assert main(["train", "--convert", "leapfrog", "--out", str(tmp_path / "run")]) == 2
     assert "--convert: not a setting of image runs" in capsys.readouterr().err
+
+
+def test_a_hugging_face_run_trains_on_a_shorter_window_than_its_positions(saved, tmp_path):
+    from revnets.cli import main
+    assert main([*RUN, "--init-from", str(saved[0]), "--context", "4", "--epochs", "1", "--out", str(tmp_path / "r")]) == 0
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["context"] == 4
+    assert revnets.load(tmp_path / "r" / "best.pt").net.config.max_position_embeddings == 32  # the model is unchanged
+
+
+def test_a_conversion_starts_from_the_target_schemes_defaults_not_the_sources(saved, tmp_path):
+    """A Leapfrog run started from the fixed point, converted again into the Hamiltonian (no init)."""
+    from revnets.cli import main
+    first = [*RUN, "--init-from", str(saved[1]), "--convert", "leapfrog", "--h", "0.5", "--epochs", "1"]
+    assert main([*first, "--out", str(tmp_path / "leapfrog")]) == 0
+    again = [*RUN, "--init-from", str(tmp_path / "leapfrog" / "best.pt"), "--convert", "hamiltonian", "--epochs", "1"]
+    assert main([*again, "--out", str(tmp_path / "hamiltonian")]) == 0
+    net = revnets.load(tmp_path / "hamiltonian" / "best.pt").net
+    default = revnets.build_model("hamiltonian-lm-tiny", vocab_size=10).blocks[0].h
+    assert type(net.blocks[0]).__name__ == "HamiltonianLayer" and net.blocks[0].h == default != 0.5
+
+
+def test_without_transformers_a_hugging_face_model_is_refused_in_one_line(saved, tmp_path, monkeypatch, capsys):
+    from revnets.cli import main
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "revnets.hf")
+    monkeypatch.delattr(revnets, "hf")
+    assert main([*RUN, "--init-from", str(saved[0]), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert 'pip install -e ".[hf]"' in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

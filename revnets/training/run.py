@@ -31,7 +31,6 @@ from torch import nn
 from .. import checkpoint, inference
 from ..files import DiskFull
 from ..analysis import DriftMonitor
-from ..models import model_scheme
 from ..multilevel import grow
 from . import distributed, sources
 from .progress import EpochBar, MetricsCSV, tensorboard_writer
@@ -206,7 +205,7 @@ class Run:
 
     def _fault(self, what: str, where: str) -> NonFiniteError:
         """The one-line report of a non-finite value: where, what the files hold, what to try."""
-        h = " or --h" if self.config.model != sources.HF and model_scheme(self.config.model).has_step else ""
+        h = " or --h" if self.config.scheme and self.config.scheme.has_step else ""
         return NonFiniteError(what, f"non-finite {what} {where}; training stopped, {self._kept()}. Try a smaller "
                                     f"--lr (now {self.config.lr:g}){h}, then start again or --init-from a checkpoint")
 

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..inference import LEVELS, MODEL_FLAGS, model_overrides
+from ..inference import HF, LEVELS, MODEL_FLAGS, model_overrides
 from ..layers import INITS, MLPS
 from ..models import build_model, model_scheme, spec
-from ..schemes import SCHEMES, get_scheme
+from ..schemes import SCHEMES, Scheme, get_scheme
 from . import sources
 from .data import DATASETS
 from .step import AMP_DTYPES
@@ -109,8 +109,13 @@ class Config:
         if given:
             raise ValueError(f"{', '.join(map(_flag, given))}: not a setting of {self.task} runs "
                              f"(--dataset {self.dataset})")
-        if self.model is None and self.init_from and self.task == "text":
-            self.model = sources.model_name(self.init_from)  # the model of the weights the run starts from
+        if self.init_from and self.task == "text" and self.resume is None:
+            held = sources.model_name(self.init_from)  # the model of the weights the run starts from
+            if self.model not in (None, held):
+                raise ValueError(f"--model {self.model}: --init-from {self.init_from} holds "
+                                 f"{'a Hugging Face model' if held == HF else held}; leave --model out "
+                                 "(--convert SCHEME trains it in another scheme)")
+            self.model = held
         layer = get_scheme(self.convert).layer if self.convert else None
         if self.init is None and layer is not None and layer.two_step:
             self.init = "fixed-point"  # a converted model starts as Gal et al. retrofit it
@@ -133,12 +138,19 @@ class Config:
     def task(self) -> str:
         return "text" if self.dataset == "text" else "image"
 
+    @property
+    def scheme(self) -> Scheme | None:
+        """The scheme the run trains in: --convert's, else the registered model's (None for a
+        Hugging Face model trained as it is)."""
+        if self.convert:
+            return get_scheme(self.convert)
+        return model_scheme(self.model) if self.model != HF else None
+
     def validate(self) -> None:
         """ValueError (FileNotFoundError for paths) naming the first setting that cannot run."""
         self.check_source()
-        scheme = get_scheme(self.convert) if self.convert else \
-            model_scheme(self.model) if self.model != sources.HF else None  # ValueError naming the registered models
-        kind = spec(self.model)["kind"] if self.model != sources.HF else "text"
+        scheme = self.scheme  # ValueError naming the registered models
+        kind = spec(self.model)["kind"] if self.model != HF else "text"
         if kind != self.task:
             raise ValueError(f"--model {self.model} is a{'n image' if kind == 'image' else ' text'} model; "
                              + ("--dataset text trains language models (e.g. leapfrog-lm-small)" if self.task == "text"
@@ -174,7 +186,7 @@ class Config:
         if self.segment is not None and self.segment != "auto" and not (self.segment.isdigit() and int(self.segment)):
             raise ValueError(f"--segment must be 'auto' or a positive number of blocks; got {self.segment!r}")
         self.check_fsdp()
-        if self.grow_at and not (scheme and scheme.has_step and self.model != sources.HF):
+        if self.grow_at and not (scheme and scheme.has_step and self.model != HF):
             raise ValueError(f"--grow-at halves the step size h, which {self.model} does not have")
         if any(not 1 <= g < self.epochs for g in self.grow_at):
             raise ValueError(f"--grow-at epochs must lie in [1, {self.epochs}); got {self.grow_at}")
@@ -200,9 +212,9 @@ class Config:
                 raise ValueError(f"--convert needs a reversible scheme with a transformer layer ("
                                  f"{', '.join(s for s, r in SCHEMES.items() if r.reversible and r.layer)}); got "
                                  f"{self.convert!r}")
-        if self.model == sources.HF:
-            given = [k for k in ("context", "mlp", "segment", "exact") if getattr(self, k)] + (
-                ["h", "init"] if not self.convert and (self.h or self.init) else [])
+        if self.model == HF:  # revnets.hf.reversible's settings; --context sets the window
+            taken = ("context", "h", "init") if self.convert else ("context",)
+            given = [k for k in model_overrides(asdict(self)) if k not in taken]
             if given:
                 raise ValueError(f"{', '.join(map(_flag, given))}: not a setting of a Hugging Face model"
                                  f"{'' if self.convert else ' that is not converted (--convert)'}")
@@ -223,7 +235,7 @@ class Config:
 
     def check_model(self) -> None:
         """Build the model on the meta device (no memory): its own checks of every model setting."""
-        if self.model == sources.HF:
+        if self.model == HF:
             return  # checked when the run builds it from the source's config
         size = dict(vocab_size=256) if self.task == "text" else {}
         try:
@@ -235,7 +247,10 @@ class Config:
     def overrides(self) -> dict:
         """The model settings of this run, as `build_model` (or `revnets.hf.reversible`) takes them:
         the model flags given, and --convert's scheme."""
-        return model_overrides(asdict(self)) | ({"scheme": self.convert} if self.convert else {})
+        found = model_overrides(asdict(self)) | ({"scheme": self.convert} if self.convert else {})
+        if self.model == HF:
+            found.pop("context", None)  # the window of the run, not a setting of the model (TextTask.check)
+        return found
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
@@ -265,7 +280,7 @@ def model_name(config: Config | dict) -> str:
     c = asdict(config) if isinstance(config, Config) else config
     parts = [f"{k} {'-'.join(map(str, c[k])) if isinstance(c[k], (list, tuple)) else c[k]}"
              for k in (*MODEL_FLAGS, "convert") if k not in ("segment", "exact") and c.get(k) is not None]
-    model = f"Hugging Face model {c['init_from']}" if c["model"] == sources.HF else c["model"]
+    model = f"Hugging Face model {c['init_from']}" if c["model"] == HF else c["model"]
     return f"{model} ({', '.join(parts)})" if parts else model
 
 

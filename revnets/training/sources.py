@@ -14,9 +14,6 @@ from torch import nn
 
 from .. import checkpoint, inference
 
-HF = inference.HF
-
-
 def is_hf(path: str | None) -> bool:
     """Whether `path` is a Hugging Face model directory (one with a config.json)."""
     return path is not None and (Path(path) / "config.json").is_file()
@@ -25,7 +22,7 @@ def is_hf(path: str | None) -> bool:
 def model_name(path: str) -> str:
     """The model a source holds: "hf" for a Hugging Face directory, else its checkpoint record's name."""
     if is_hf(path):
-        return HF
+        return inference.HF
     if not Path(path).is_file():
         raise ValueError(f"--init-from {path}: no such checkpoint file or Hugging Face model directory")
     rec = inference.record_of(checkpoint.load(path), path)
@@ -38,15 +35,17 @@ def record(path: str) -> dict:
     """The model record of a source: a checkpoint's, or a Hugging Face model's config and, if it was
     saved converted, its conversion (`revnets.hf`) as overrides."""
     if is_hf(path):
+        inference.hugging_face()  # a ValueError without transformers
         from transformers import AutoConfig
         config = AutoConfig.from_pretrained(path).to_dict()
-        return inference.record(HF, config.pop("revnets", None) or {}, "text", hf_config=json.dumps(config))
+        return inference.record(inference.HF, config.pop("revnets", None) or {}, "text", hf_config=json.dumps(config))
     return inference.record_of(checkpoint.load(path), path)
 
 
 def weights(path: str) -> dict:
     """The state dict of a source's model (a Hugging Face model's as it loads, on the CPU)."""
     if is_hf(path):
+        inference.hugging_face()
         from transformers import AutoModelForCausalLM
         state = AutoModelForCausalLM.from_pretrained(path).state_dict()
     else:
@@ -60,8 +59,7 @@ def teacher(path: str, device: torch.device) -> nn.Module:
     if not (is_hf(path) or Path(path).is_file()):
         raise ValueError(f"--distill fits the model of --init-from {path}, which is not there any more")
     if is_hf(path):
-        from ..hf import from_pretrained
-        model = from_pretrained(path)
+        model = inference.hugging_face().from_pretrained(path)
     else:
         model = inference.from_checkpoint(checkpoint.load(path), path).net
     return model.to(device).eval().requires_grad_(False)

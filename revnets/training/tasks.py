@@ -130,21 +130,28 @@ class TextTask:
         return dict(vocab=self.data.vocab.state())
 
     def record(self, grown: int) -> dict:
-        """The record of the run's model: the source's (--init-from; in the scheme of --convert), its
-        settings overridden by the run's model flags, or the registered model's; with the run's vocabulary."""
+        """The record of the run's model: the source's (--init-from; in the scheme of --convert, with
+        that scheme's defaults where the run gives no --h or --init), its settings overridden by the
+        run's model flags, or the registered model's; with the run's vocabulary."""
         c = self.config
         if c.init_from:
             source = sources.record(c.init_from)
             if source["kind"] != "text":
                 raise ValueError(f"--init-from {c.init_from} holds an image model, not a language model")
-            return {**source, "overrides": {**source["overrides"], **c.overrides()}, "memory_efficient": not c.plain,
+            kept = {k: v for k, v in source["overrides"].items() if not (c.convert and k in ("scheme", "h", "init"))}
+            return {**source, "overrides": {**kept, **c.overrides()}, "memory_efficient": not c.plain,
                     "grown": grown, **self.interface()}
         return inference.record(c.model, c.overrides(), "text", not c.plain, grown, **self.interface())
 
     def check(self, net: nn.Module) -> None:
-        """ValueError if the model's vocabulary has fewer tokens than the text's or a window of its
-        context is longer than the held-out text; else the batches are windows of that context."""
+        """ValueError if the model's vocabulary has fewer tokens than the text's or a window (--context,
+        or the model's context) is longer than the held-out text or the model's positions; else the
+        batches are windows of that length."""
         context, tokens = inference.text_sizes(net)
+        if self.config.context is not None:  # a Hugging Face model's window may be shorter than its positions
+            if self.config.context > context:
+                raise ValueError(f"--context {self.config.context} is longer than the model's {context} positions")
+            context = self.config.context
         if tokens < len(self.data.vocab):
             raise ValueError(f"the model reads {tokens} tokens, fewer than the {len(self.data.vocab)} of "
                              f"{self.config.data_dir} at --level {self.config.level}")
