@@ -16,6 +16,7 @@ forward under FSDP (2 processes) at depths 12 and 48.
 import argparse
 import json
 import tempfile
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,7 @@ from common import markdown, record
 
 import revnets
 from revnets import memory
+from revnets.files import write_json
 from revnets.training import distributed
 
 VOCAB, BATCH, CONTEXT = 4096, 4, 256
@@ -57,7 +59,7 @@ def _worker(rank, world, store, engine, depth, out):
     rows = [None] * world
     dist.all_gather_object(rows, row)
     if rank == 0:
-        json.dump(dict(rows=rows, params=sum(p.numel() for p in build_full(depth).parameters())), open(out, "w"))
+        write_json(out, dict(rows=rows, params=sum(p.numel() for p in build_full(depth).parameters())))
     dist.destroy_process_group()
 
 
@@ -71,7 +73,7 @@ def measure(engine: str, world: int, depth: int) -> tuple[dict, int]:
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_worker, args=(world, f"{tmp}/store", engine, depth, f"{tmp}/out.json"), nprocs=world,
                            start_method="spawn")
-        result = json.load(open(f"{tmp}/out.json"))
+        result = json.loads(Path(tmp, "out.json").read_text())
     return max(result["rows"], key=lambda r: r["held_mb"]), result["params"]
 
 

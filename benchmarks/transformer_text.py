@@ -46,6 +46,7 @@ import torch
 from common import ROOT, markdown, record
 
 from revnets import checkpoint, inference, memory
+from revnets.files import atomic_write, write_json
 from revnets.cli.train import parse_config
 from revnets.hf import reversible
 from revnets.training import train, train_step
@@ -63,7 +64,7 @@ def kjv(path: Path) -> Path:
             subprocess.run("apt-get update -qq && apt-get install -y -qq bible-kjv-text bible-kjv",
                            shell=True, check=True)
         text = subprocess.run(["bible", "gen1:1-rev22:21"], capture_output=True, text=True, check=True).stdout
-        path.write_text(text, encoding="utf-8")
+        atomic_write(path, lambda f: f.write(text), text=True)  # a cut run never leaves half a text
     return path
 
 
@@ -256,7 +257,7 @@ def main() -> None:
                   cpu_minutes_this_invocation=(time.process_time() - t0) / 60)
     figures = ROOT / "docs" / "figures" if not args.smoke else args.out
     figures.mkdir(parents=True, exist_ok=True)
-    (figures / "transformers.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json(figures / "transformers.json", result, indent=1)
     figure(result, figures / "transformers-bpc.png")
     scratch_rows = [dict(scheme=s, seeds=len(r["seeds"]), mean_bpc=f"{r['mean']:.3f}",
                          range=f"{r['low']:.3f} to {r['high']:.3f}") for s, r in scratch.items()]

@@ -9,7 +9,8 @@ import fnmatch
 
 from torch import nn
 
-from .networks import Network, check_overrides, scheme_settings
+from .blocks import check_positive
+from .networks import Network, check_overrides, check_units, scheme_settings
 from .schemes import Scheme, get_scheme
 from .transformer import ReversibleTransformer, layer_settings
 
@@ -38,13 +39,12 @@ def register_model(name: str, scheme: str, **spec) -> None:
                          f"(a language model); got {', '.join(spec) or 'neither'}")
     sizes = {k: spec.pop(k) for k in SIZES[kind]}
     if kind == "image":
+        check_units(sizes["units"], sizes["channels"])
         sizes = {k: tuple(v) for k, v in sizes.items()}
-        units, channels = sizes["units"], sizes["channels"]
-        if len(units) != len(channels) or not units or min(units) < 1 or min(channels) < 1:
-            raise ValueError(f"{name} needs one positive number of blocks and of channels per unit; "
-                             f"got units={units}, channels={channels}")
     elif record.layer is None:
         raise ValueError(f"{name}: scheme {record.name!r} has no transformer layer for a language model")
+    else:
+        check_positive(**sizes)
     check_overrides(name, spec, settings(record, kind))
     MODELS[name] = dict(kind=kind, scheme=record.name, **sizes, **spec)
 

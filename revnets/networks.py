@@ -10,6 +10,7 @@ width on dense features or 1-, 2- or 3-D signals. `smoothness_penalty` is Eq. (2
 
 Named models (Table 1, language-model sizes) are in `revnets.models`.
 """
+import numbers
 from typing import Sequence
 
 import torch
@@ -191,12 +192,8 @@ class Network(MemoryEfficient, nn.Module):
                  num_classes: int = 10, memory_efficient: bool = True, **kw):
         super().__init__()
         record = get_scheme(scheme)
-        if len(units) != len(channels) or not units or min(units) < 1 or min(channels) < 1:
-            raise ValueError(f"units and channels need one positive entry per unit; got units={tuple(units)}, "
-                             f"channels={tuple(channels)}")
+        check_units(units, channels)
         check_positive(in_channels=in_channels, num_classes=num_classes)
-        if any(c_out < c_in for c_in, c_out in zip(channels, channels[1:])):
-            raise ValueError(f"channels must not decrease from unit to unit (zero padding widens); got {tuple(channels)}")
         self.scheme, self.in_channels, self.channels = record.name, in_channels, tuple(channels)
         act = kw.get("act", nn.ReLU)
         self.stem = nn.Sequential(conv3x3(in_channels, channels[0]), nn.BatchNorm2d(channels[0]), act())
@@ -243,6 +240,18 @@ def check_overrides(what: str, overrides: dict, valid: list[str]) -> None:
     unknown = set(overrides) - set(valid)
     if unknown:
         raise ValueError(f"{what} has no setting {', '.join(sorted(unknown))}; valid overrides: {', '.join(valid)}")
+
+
+def check_units(units: Sequence[int], channels: Sequence[int]) -> None:
+    """ValueError unless `units` (blocks per unit) and `channels` (per unit) are sequences of
+    positive integers, one of each per unit, the channels not decreasing (zero padding widens)."""
+    sequences = all(isinstance(s, Sequence) and not isinstance(s, str) for s in (units, channels))
+    if not (sequences and len(units) == len(channels) > 0 and all(
+            isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in (*units, *channels))):
+        raise ValueError(f"units and channels need one positive integer each per unit; got units={units!r}, "
+                         f"channels={channels!r}")
+    if any(c_out < c_in for c_in, c_out in zip(channels, channels[1:])):
+        raise ValueError(f"channels must not decrease from unit to unit (zero padding widens); got {tuple(channels)}")
 
 
 def smoothness_penalty(model: nn.Module) -> Tensor:

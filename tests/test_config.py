@@ -37,6 +37,7 @@ TINY = ["--units", "1", "1", "1", "--channels", "8", "16", "32", "--batch-size",
     (["--device", "meta"], "device 'meta' holds no data"),
     (["--init-from", "/nonexistent.pt"], "--init-from /nonexistent.pt: no such checkpoint file"),
     (["--out", "{file}"], "is a file, not a directory"),
+    (["--segment", "\u00b2"], "--segment must be 'auto' or a positive number of blocks; got '\u00b2'"),
 ])
 def test_bad_settings_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, flags, message):
     (tmp_path / "file").write_text("x")
@@ -113,3 +114,17 @@ def test_every_option_in_help_shows_its_choices_and_default(name):
         if action.choices is not None:
             shown = parser.format_help()
             assert all(str(c) in shown for c in action.choices), f"{name} {action.option_strings[0]}"
+
+
+def test_the_api_takes_a_segment_length_as_a_number():
+    assert Config(dataset="digits", segment=3).overrides()["segment"] == 3
+    with pytest.raises(ValueError, match="--segment must be 'auto' or a positive number of blocks; got 0"):
+        Config(dataset="digits", segment=0)
+
+
+def test_fsdp_without_fsdp2_in_torch_is_refused(monkeypatch):
+    from torch.distributed import fsdp
+    monkeypatch.delattr(fsdp, "fully_shard")  # as in torch < 2.6
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"--fsdp needs PyTorch's FSDP2 \(torch >= 2.6\)"):
+        Config(dataset="digits", fsdp=True)

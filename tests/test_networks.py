@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import revnets
 from revnets import (MODELS, DriftMonitor, ReversibleStack, build_model, invert, list_models, reversal_error,
                      sequential, smoothness_penalty)
 from revnets.models import PAPER_PARAMS
@@ -135,7 +136,13 @@ def test_the_api_refuses_the_step_sizes_the_command_line_refuses(make, value):
 @pytest.mark.parametrize("make, match", [
     (lambda: build_model("hamiltonian-74", num_classes=0), "num_classes must be a positive integer; got 0"),
     (lambda: build_model("resnet-32", in_channels=0), "in_channels must be a positive integer; got 0"),
-    (lambda: build_model("hamiltonian-74", channels=(0, 0, 0)), r"one positive entry per unit; got .*channels=\(0, 0, 0\)"),
+    (lambda: build_model("hamiltonian-74", channels=(0, 0, 0)), r"one positive integer each per unit; got .*channels=\(0, 0, 0\)"),
+    (lambda: build_model("hamiltonian-74", channels=(8, 16, 32.0)), r"positive integer each per unit; got .*32\.0"),
+    (lambda: build_model("hamiltonian-74", units=(2, 2.5, 2)), r"positive integer each per unit; got units=\(2, 2\.5"),
+    (lambda: revnets.register_model("bad", scheme="revnet", units=3, channels=(8,)), "got units=3"),
+    (lambda: revnets.register_model("bad", scheme="revnet", units=(1, 1), channels=(16, 8)), "must not decrease"),
+    (lambda: revnets.register_model("bad", scheme="leapfrog", width=-1, depth=2, heads=2, context=8),
+     "width must be a positive integer; got -1"),
     (lambda: ReversibleStack("hamiltonian", 0, depth=2), "channels must be a positive integer; got 0"),
     (lambda: ReversibleStack("revnet", -2, depth=2), "channels must be a positive integer; got -2"),
 ])

@@ -131,7 +131,7 @@ def test_register_scheme_and_model_reject_bad_names_and_settings():
         revnets.register_model("hamiltonian-74", scheme="hamiltonian", units=(1,), channels=(8,))
     with pytest.raises(ValueError, match="no setting width; valid overrides: h, act, norm, segment, exact"):
         revnets.register_model("bad-model", scheme="hamiltonian", units=(1,), channels=(8,), width=3)
-    with pytest.raises(ValueError, match="one positive number"):
+    with pytest.raises(ValueError, match="one positive integer each per unit"):
         revnets.register_model("bad-model", scheme="hamiltonian", units=(1, 2), channels=(8,))
     assert "bad-model" not in revnets.MODELS and "not-a-block" not in SCHEMES
 

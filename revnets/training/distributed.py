@@ -19,7 +19,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+try:  # FSDP2, public since torch 2.6 (--fsdp refuses to start without it)
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+except ImportError:
+    FSDPModule = ()
 
 from ..blocks import BasicBlock, ReversibleBlock
 from ..layers import ResidualLayer

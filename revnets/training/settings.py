@@ -183,7 +183,8 @@ class Config:
                 raise ValueError(f"--{key} must be positive numbers; got {' '.join(map(str, getattr(self, key)))}")
         if list(self.milestones) != sorted(set(self.milestones)) or min(self.milestones, default=1) < 1:
             raise ValueError(f"--milestones must be increasing positive epochs; got {self.milestones}")
-        if self.segment is not None and self.segment != "auto" and not (self.segment.isdigit() and int(self.segment)):
+        if self.segment is not None and self.segment != "auto" and not (
+                str(self.segment).isdecimal() and int(self.segment)):
             raise ValueError(f"--segment must be 'auto' or a positive number of blocks; got {self.segment!r}")
         self.check_fsdp()
         if self.grow_at and not (scheme and scheme.has_step and self.model != HF):
@@ -224,6 +225,9 @@ class Config:
         fixed-point engine, nor what measures a chain outside the calls that gather its parameters."""
         if not self.fsdp:
             return
+        from torch.distributed import fsdp
+        if not hasattr(fsdp, "fully_shard"):
+            raise ValueError(f"--fsdp needs PyTorch's FSDP2 (torch >= 2.6); this is torch {torch.__version__}")
         if int(os.environ.get("WORLD_SIZE", "1")) < 2:
             raise ValueError("--fsdp shards the model over the processes of torchrun; start the run with "
                              "torchrun --nproc_per_node N -m revnets.cli train ... (N >= 2)")
