@@ -217,6 +217,13 @@ class AutoSegment:
     def __init__(self, tol: float = 1e-5, every: int = 50):
         self.tol, self.every, self.calls, self.choice = tol, every, 0, None
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to measure at the same calls and reuse the same choice."""
+        return dict(calls=self.calls, choice=tuple(self.choice) if self.choice else None)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls, self.choice = state["calls"], state["choice"] and SegmentChoice(*state["choice"])
+
     def __call__(self, blocks: Sequence[ReversibleBlock], a: Tensor, b: Tensor) -> int | None:
         if torch.is_grad_enabled():
             if self.calls % self.every == 0:

@@ -77,10 +77,11 @@ def test_a_run_writes_every_file_and_a_summary_that_agrees_with_them(task, tmp_p
     assert [line.split()[1] for line in out[1:3]] == ["1/2", "2/2"] and out[-1].startswith("done: ")
 
 
-def test_a_killed_run_resumes_to_the_uninterrupted_result_bitwise(task, tmp_path):
-    whole = train(_config(task, tmp_path / "whole", "--epochs", "3", "--seed", "3"))
+@pytest.mark.parametrize("flags", [[], ["--segment", "auto"]], ids=["", "segment-auto"])
+def test_a_killed_run_resumes_to_the_uninterrupted_result_bitwise(task, tmp_path, flags):
+    whole = train(_config(task, tmp_path / "whole", "--epochs", "3", "--seed", "3", *flags))
     with pytest.raises(Killed):
-        train(_config(task, tmp_path / "killed", "--epochs", "3", "--seed", "3"), on_epoch=_kill_after(1))
+        train(_config(task, tmp_path / "killed", "--epochs", "3", "--seed", "3", *flags), on_epoch=_kill_after(1))
     assert len(_metrics(tmp_path / "killed")) == 1 and not (tmp_path / "killed" / "summary.json").exists()
     with open(tmp_path / "killed" / "metrics.csv", "a") as f:  # killed after epoch 2's row, before its checkpoint
         f.write("2" + ",9" * (len(_metrics(tmp_path / "whole")[0]) - 1) + "\n")
@@ -88,6 +89,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result_bitwise(task, tmp_path
     a, b = checkpoint.load(tmp_path / "whole" / "last.pt"), checkpoint.load(tmp_path / "killed" / "last.pt")
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    if flags:  # the drift measurements at the same calls, with the same choices
+        assert a["segments"] == b["segments"] and {s["calls"] for s in a["segments"]} == {3 * STEPS[task]}
     drop = ("epoch_s", "images_per_s", "tokens_per_s", "peak_mb")  # timings
     assert [{k: v for k, v in r.items() if k not in drop} for r in _metrics(tmp_path / "whole")] == \
         [{k: v for k, v in r.items() if k not in drop} for r in _metrics(tmp_path / "killed")]

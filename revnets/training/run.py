@@ -31,7 +31,9 @@ from torch import nn
 from .. import checkpoint, inference
 from ..files import DiskFull
 from ..analysis import DriftMonitor
+from ..engine import AutoSegment
 from ..multilevel import grow
+from ..networks import chains
 from . import distributed, sources
 from .progress import EpochBar, MetricsCSV, tensorboard_writer
 from .rundir import RUN_FILES, RunDir
@@ -145,6 +147,8 @@ class Run:
             raise ValueError(f"{path}: optimiser state does not match the run ({e})") from None
         if self.config.schedule == "step":  # the milestones of a run that grew (--resume --epochs/--milestones)
             self.sched.milestones = Counter(m * self.task.steps_per_epoch for m in self.config.milestones)
+        for segment, saved in zip(self._auto_segments(), ckpt.get("segments", ())):
+            segment.load_state_dict(saved)
         set_rng_state(ckpt["rng"], self.device)
         self.start, self.best, self.resumed_row = ckpt["epoch"], ckpt[f"best_{self.task.metric}"], ckpt.get("row")
         self.best_epoch, self.wall = ckpt.get("best_epoch", 0), ckpt.get("wall_s", 0.0)
@@ -165,7 +169,13 @@ class Run:
                      best_epoch=self.best_epoch, wall_s=self.wall, **{f"best_{self.task.metric}": self.best})
         if self.config.amp == "fp16":
             state["scaler"] = self.scaler.state_dict()
+        if self._auto_segments():
+            state["segments"] = [s.state_dict() for s in self._auto_segments()]
         return state
+
+    def _auto_segments(self) -> list[AutoSegment]:
+        """The model's chains' `segment="auto"` measurers, in order (their counts resume too)."""
+        return [c.segment for c in chains(self.net) if isinstance(c.segment, AutoSegment)]
 
     def train_epoch(self, epoch: int) -> dict:
         """One epoch of the task's batches; returns the train loss and accuracy (over all processes),
