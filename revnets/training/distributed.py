@@ -24,6 +24,7 @@ try:  # FSDP2, public since torch 2.6 (--fsdp refuses to start without it)
 except ImportError:
     FSDPModule = ()
 
+from .. import checkpoint
 from ..blocks import BasicBlock, ReversibleBlock
 from ..layers import ResidualLayer
 from .settings import check_device
@@ -95,8 +96,8 @@ def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: di
 
 def nonfinite(model: nn.Module, world: int) -> int:
     """How many parameter and buffer entries are NaN or infinite, over every process's shards."""
-    local = [t.to_local() if hasattr(t, "to_local") else t for t in model.state_dict().values()]
-    count = torch.tensor(float(sum(int((~torch.isfinite(t)).sum()) for t in local if torch.is_floating_point(t))))
+    local = {k: t.to_local() if hasattr(t, "to_local") else t for k, t in model.state_dict().items()}
+    count = torch.tensor(float(checkpoint.count_nonfinite(local)))
     if sharded(model) and world > 1:
         dist.all_reduce(count)
     return int(count)

@@ -130,7 +130,7 @@ class Run:
         """The model record: a resumed run's own (its model as saved, grown as often), else the task's."""
         saved = inference.record_of(self.resumed, self.dir.last) if self.resumed else None
         if saved is None:
-            return self.task.record(growths(self.config, self.resumed["epoch"]) if self.resumed else 0)
+            return self.task.record(growths(self.config.grow_at, self.resumed["epoch"]) if self.resumed else 0)
         if _plain(self.task.interface()) != _plain({k: saved.get(k) for k in self.task.interface()}):
             raise ValueError(f"{self.config.data_dir or self.config.dataset} gives other data (classes, image size "
                              f"or vocabulary) than the run's {self.dir.last}")

@@ -332,9 +332,10 @@ def check_device(name: str) -> torch.device:
     return device
 
 
-def growths(config: Config, epoch: int) -> int:
-    """How many times a run has grown its network by the end of `epoch` completed epochs."""
-    return sum(g < epoch for g in config.grow_at)
+def growths(grow_at, epoch: int) -> int:
+    """How many times a run growing at epochs `grow_at` (--grow-at) has grown its network by the
+    end of `epoch` completed epochs."""
+    return sum(g < epoch for g in grow_at or ())
 
 
 def config_from_flags(given: dict) -> Config:

@@ -22,7 +22,7 @@ from torch import nn
 from .. import inference
 from .distributed import all_reduce
 from .progress import duration
-from .settings import Config
+from .settings import Config, growths
 from .step import autocast, totals
 from . import data, sources, text
 
@@ -232,7 +232,7 @@ def old_record(ckpt: dict, path, ds: data.Dataset | None = None) -> dict:
     mean, std = data.channel_stats(train.train_x)
     print(f"note: {path} stores no standardisation (saved before checkpoints did); recomputed from the {ds.name} "
           "training split", file=sys.stderr)
-    grown = sum(g < ckpt["epoch"] for g in config.get("grow_at") or ())
+    grown = growths(config.get("grow_at"), ckpt["epoch"])
     return inference.record(config["model"], inference.model_overrides(config), "image", not config.get("plain"),
                             grown, classes=list(ds.classes), in_channels=ds.train_x.shape[1],
                             image_size=tuple(ds.train_x.shape[2:]), mean=mean, std=std)
