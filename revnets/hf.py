@@ -93,7 +93,8 @@ class Qwen2(Llama):
     """Qwen2ForCausalLM: Llama's layers; each layer full or sliding-window attention (`config.layer_types`)."""
 
     def masks(self, kw: dict) -> dict:
-        return {"full_attention": create_causal_mask(**kw), "sliding_attention": create_sliding_window_causal_mask(**kw)}
+        return {"full_attention": create_causal_mask(**kw),
+                "sliding_attention": create_sliding_window_causal_mask(**kw)}
 
     def mask_type(self, layer: nn.Module) -> str:
         return layer.self_attn.layer_type or "full_attention"
@@ -199,9 +200,10 @@ def reversible(model: PreTrainedModel, scheme: str = "midpoint", h: float | None
 
     `h`: the step of a scheme that has one (default 1: MidPoint then steps the residual network's own
     equation). `init`: where a two-step scheme starts, "fixed-point" (Gal et al.'s retrofit, the
-    default) or "rest" (`revnets.layers.Layer`); other schemes start at rest. The weights are the model's; `model.config.revnets` records the
-    conversion, which `save_pretrained` writes and `from_pretrained` reads. `memory_efficient`:
-    the engine (True) or plain autograd (False; settable later as `model.memory_efficient`).
+    default) or "rest" (`revnets.layers.Layer`); other schemes start at rest. The weights are the
+    model's; `model.config.revnets` records the conversion, which `save_pretrained` writes and
+    `from_pretrained` reads. `memory_efficient`: the engine (True) or plain autograd (False;
+    settable later as `model.memory_efficient`).
     """
     family = FAMILIES.get(getattr(model.config, "model_type", None))
     if family is None or not isinstance(model, PreTrainedModel) or not hasattr(model, family.decoder):

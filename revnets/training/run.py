@@ -260,7 +260,8 @@ class Run:
 
     def _interrupted(self, epoch: int) -> Interrupted:
         if self.dir.last.exists():
-            return Interrupted(f"interrupted at epoch {epoch + 1}; continue with: revnets train --resume {self.dir.path}")
+            return Interrupted(f"interrupted at epoch {epoch + 1}; continue with: "
+                               f"revnets train --resume {self.dir.path}")
         return Interrupted(f"interrupted at epoch {epoch + 1}, before any epoch was saved; start again")
 
     def _begin(self) -> None:

@@ -121,7 +121,8 @@ class Config:
             self.init = "fixed-point"  # a converted model starts as Gal et al. retrofit it
         recipe = RECIPES["stl10" if self.dataset == "stl10" else self.task]
         if self.milestones is None and self.epochs is not None:  # the recipe's decays at the same share of the run
-            self.milestones = tuple(sorted({max(1, round(m * self.epochs / recipe["epochs"])) for m in recipe["milestones"]}))
+            self.milestones = tuple(sorted({max(1, round(m * self.epochs / recipe["epochs"]))
+                                            for m in recipe["milestones"]}))
         for key, value in recipe.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -206,7 +207,8 @@ class Config:
             raise ValueError(f"--init-from {self.init_from}: no such checkpoint file or Hugging Face model directory")
         for key in ("convert", "distill"):
             if getattr(self, key) and self.init_from is None:
-                raise ValueError(f"{_flag(key)} works on the model of --init-from CHECKPOINT_OR_HF_DIR, which is missing")
+                raise ValueError(f"{_flag(key)} works on the model of --init-from CHECKPOINT_OR_HF_DIR, "
+                                 "which is missing")
         if self.convert:
             record = get_scheme(self.convert)
             if not (record.reversible and record.layer is not None):
