@@ -38,7 +38,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutp
 
 from .blocks import Coupling, check_step
 from .networks import MemoryEfficient, ReversibleChain
-from .schemes import SCHEMES, Scheme, get_scheme
+from .schemes import Scheme, reversible_layer_scheme
 
 
 def _positions(x: Tensor, position_ids: Tensor | None, cache) -> Tensor:
@@ -211,17 +211,12 @@ def reversible(model: PreTrainedModel, scheme: str = "midpoint", h: float | None
                          f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r})")
     if getattr(model.config, "revnets", None):
         raise ValueError(f"{type(model).__name__} is already reversible ({model.config.revnets})")
-    record = get_scheme(scheme)
-    if record.layer is None or not record.reversible:
-        raise ValueError(f"reversible needs a reversible scheme with a transformer layer "
-                         f"({', '.join(s for s, r in SCHEMES.items() if r.reversible and r.layer)}); got {scheme!r}")
-    if h is not None and not record.has_step:
-        raise ValueError(f"the {record.name} scheme has no step size h; got h={h}")
+    record = reversible_layer_scheme(scheme)
+    step = record.layer_step(h)
     if init is None:
         init = "fixed-point" if record.layer.two_step else "rest"
     decoder = getattr(model, family.decoder)
     layer_class = _mixed(Adopted, record.layer)
-    step = dict(h=1.0 if h is None else h) if record.has_step else {}
     layers = record.layer.chain([layer_class(layer, family, **step) for layer in getattr(decoder, family.layers)], init)
     setattr(decoder, family.layers, ReversibleChain(layers, memory_efficient, name="decoder layers"))
     decoder.__class__ = _mixed(ReversibleDecoder, type(decoder), family=family, scheme=record)

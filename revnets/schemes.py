@@ -65,6 +65,13 @@ class Scheme:
     def two_step(self) -> bool:
         return getattr(self.block, "two_step", False)
 
+    def layer_step(self, h: float | None) -> dict:
+        """The step setting of this scheme's transformer layers: {"h": h} (default 1, the residual
+        network's own step) where it has a step size, else {}; ValueError for an h it has not."""
+        if h is not None and not self.has_step:
+            raise ValueError(f"the {self.name} scheme has no step size h; got h={h}")
+        return dict(h=1.0 if h is None else h) if self.has_step else {}
+
 
 SCHEMES: dict[str, Scheme] = {}
 
@@ -110,6 +117,16 @@ def get_scheme(scheme: "str | Scheme") -> Scheme:
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
     return SCHEMES[scheme]
+
+
+def reversible_layer_scheme(scheme: str) -> Scheme:
+    """The record of a reversible scheme with a transformer layer (what a residual language model
+    converts into); ValueError naming those schemes."""
+    record = get_scheme(scheme)
+    if not (record.reversible and record.layer is not None):
+        raise ValueError(f"expected a reversible scheme with a transformer layer "
+                         f"({', '.join(s for s, r in SCHEMES.items() if r.reversible and r.layer)}); got {scheme!r}")
+    return record
 
 
 # The paper's schemes. BatchNorm inside K^T s(N(K y + b)) and h = 0.1 trained best of

@@ -49,7 +49,6 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import check_positive
-from .layers import MLPS
 from .networks import MemoryEfficient, ReversibleChain
 from .schemes import SCHEMES, Scheme, get_scheme
 
@@ -85,7 +84,7 @@ class ReversibleTransformer(MemoryEfficient, nn.Module):
         self.tok = nn.Embedding(vocab_size, width)
         self.pos = nn.Embedding(context, width)
         self.drop = nn.Dropout(dropout)
-        step = dict(h=1.0 if h is None else h) if record.has_step else {}
+        step = record.layer_step(h)
         layers = record.layer.stack(depth, width, heads, init, dropout=dropout, mlp=mlp, **step)
         self.blocks = ReversibleChain(layers, memory_efficient, segment, exact, name="blocks") \
             if record.reversible else nn.ModuleList(layers)
@@ -139,15 +138,11 @@ def _check_sizes(vocab_size, width, depth, heads, context, record: Scheme, dropo
     if record.layer is None:
         raise ValueError(f"scheme {record.name!r} has no transformer layer; expected one of "
                          f"{', '.join(s for s in SCHEMES if SCHEMES[s].layer is not None)}")
-    if mlp not in MLPS:
-        raise ValueError(f"unknown mlp {mlp!r}; expected one of {', '.join(MLPS)}")
     if width % heads:
         raise ValueError(f"heads must divide width (each head gets width / heads channels); got width={width}, "
                          f"heads={heads}")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must lie in [0, 1); got {dropout}")
-    if h is not None and not record.has_step:
-        raise ValueError(f"the {record.name} scheme has no step size h; got h={h}")
 
 
 @torch.no_grad()

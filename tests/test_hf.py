@@ -168,7 +168,7 @@ def test_unsupported_models_and_settings_are_refused():
     with pytest.raises(ValueError, match="converts causal language models of the families llama, mistral, qwen2, "
                                          "gpt2; got BertForMaskedLM"):
         hf.reversible(bert)
-    with pytest.raises(ValueError, match="needs a reversible scheme with a transformer layer"):
+    with pytest.raises(ValueError, match="expected a reversible scheme with a transformer layer"):
         hf.reversible(llama(), "resnet")
     with pytest.raises(ValueError, match="the revnet scheme has no step size h"):
         hf.reversible(llama(), "revnet", h=0.5)
@@ -293,7 +293,7 @@ def test_distillation_steps_on_the_kl_from_the_teacher_and_keeps_none_of_its_act
 @pytest.mark.parametrize("flags, message", [
     (["--convert", "leapfrog"], "--convert works on the model of --init-from"),
     (["--distill"], "--distill works on the model of --init-from"),
-    (["--init-from", "{llama}", "--convert", "resnet"], "--convert needs a reversible scheme with a transformer layer"),
+    (["--init-from", "{llama}", "--convert", "resnet"], "--convert: expected a reversible scheme with a transformer layer"),
     (["--init-from", "{llama}", "--dropout", "0.1"], "--dropout: not a setting of a Hugging Face model"),
     (["--init-from", "{llama}", "--convert", "midpoint", "--mlp", "symmetric"], "--mlp: not a setting of a Hugging"),
     (["--init-from", "{llama}", "--init", "rest"], "--init: not a setting of a Hugging Face model that is not"),

@@ -31,7 +31,7 @@ from .. import __version__
 from ..inference import HF, LEVELS, MODEL_FLAGS, model_overrides
 from ..layers import INITS, MLPS
 from ..models import build_model, model_scheme, spec
-from ..schemes import SCHEMES, Scheme, get_scheme
+from ..schemes import Scheme, get_scheme, reversible_layer_scheme
 from . import sources
 from .data import DATASETS
 from .step import AMP_DTYPES
@@ -210,11 +210,10 @@ class Config:
                 raise ValueError(f"{_flag(key)} works on the model of --init-from CHECKPOINT_OR_HF_DIR, "
                                  "which is missing")
         if self.convert:
-            record = get_scheme(self.convert)
-            if not (record.reversible and record.layer is not None):
-                raise ValueError(f"--convert needs a reversible scheme with a transformer layer ("
-                                 f"{', '.join(s for s, r in SCHEMES.items() if r.reversible and r.layer)}); got "
-                                 f"{self.convert!r}")
+            try:
+                reversible_layer_scheme(self.convert)
+            except ValueError as e:
+                raise ValueError(f"--convert: {e}") from None
         if self.model == HF:  # revnets.hf.reversible's settings; --context sets the window
             taken = ("context", "h", "init") if self.convert else ("context",)
             given = [k for k in model_overrides(asdict(self)) if k not in taken]
