@@ -109,6 +109,18 @@ def test_plot_writes_pngs_for_several_runs(tmp_path, capsys, monkeypatch):
     assert list(lr.lines[0].get_ydata()) == pytest.approx([0.1 / e for e in range(1, 6)])
 
 
+def test_plot_draws_a_text_run_and_an_image_run_together(tmp_path, capsys):
+    text = ["--dataset", "text", "--data-dir", str(Path(__file__).parent / "data" / "tiny.txt"), "--model",
+            "leapfrog-lm-tiny", "--context", "16", "--batch-size", "4", "--steps-per-epoch", "2", "--epochs", "2"]
+    assert main(["train", *text, "--out", str(tmp_path / "text")]) == 0
+    image = _write_metrics(tmp_path / "image", 2, 0.0)
+    capsys.readouterr()
+    assert main(["plot", str(tmp_path / "text"), str(image), "--out", str(tmp_path / "c")]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / f"c-{q}.png") for q in ("loss", "accuracy", "bpc", "lr")]
+    assert main(["plot", str(image), "--out", str(tmp_path / "i")]) == 0
+    assert not (tmp_path / "i-bpc.png").exists()  # image runs have no bits per character
+
+
 def test_save_png_is_atomic(tmp_path):
     import matplotlib
     matplotlib.use("Agg")

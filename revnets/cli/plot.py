@@ -1,7 +1,9 @@
-"""`revnets plot`: loss, accuracy and learning-rate curves of one or more runs, read from their metrics.csv.
+"""`revnets plot`: loss, accuracy, bits-per-character and learning-rate curves of one or more runs
+(image or text), read from their metrics.csv.
 
 One colour per run (labelled by the run directory's name and its model's name from config.json);
-training curves dashed, validation dotted, test solid; accuracy in %, epochs on integer ticks.
+training curves dashed, validation dotted, test solid; accuracy in %, epochs on integer ticks. A
+figure is drawn for each quantity some run has (bits per character: text runs).
 matplotlib (the `train` extra) is imported only here, with the non-interactive Agg backend.
 """
 import argparse
@@ -12,9 +14,10 @@ from pathlib import Path
 from ..files import read_csv, save_png
 
 CURVES = {"loss": ("train_loss", "val_loss", "test_loss"), "accuracy": ("train_acc", "val_acc", "test_acc"),
-          "lr": ("lr",)}
+          "bpc": ("val_bpc",), "lr": ("lr",)}
+YLABELS = {"loss": "cross-entropy", "accuracy": "accuracy (%)", "bpc": "bits per character", "lr": "learning rate"}
 STYLES = {"train": "--", "val": ":", "test": "-", "lr": "-"}
-REQUIRED = ("epoch", "train_loss", "test_loss", "train_acc", "test_acc")
+REQUIRED = ("epoch", "train_loss")
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, list[float]]:
@@ -41,7 +44,8 @@ def run_label(run_dir: str | Path) -> str:
 
 
 def plot_runs(run_dirs: list[str | Path], prefix: str | Path) -> list[Path]:
-    """Write `<prefix>-loss.png`, `<prefix>-accuracy.png` and `<prefix>-lr.png` (atomically); return their paths."""
+    """Write `<prefix>-<quantity>.png` (atomically) for each quantity of CURVES that some run has
+    (loss, accuracy, bpc, lr); return their paths."""
     runs = {Path(d).resolve().name: (run_label(d), read_metrics(d)) for d in run_dirs}
     if len(runs) < len(run_dirs):
         raise ValueError(f"run directories need distinct names to label the curves; got {', '.join(map(str, run_dirs))}")
@@ -55,6 +59,8 @@ def plot_runs(run_dirs: list[str | Path], prefix: str | Path) -> list[Path]:
 
     paths = []
     for quantity, columns in CURVES.items():
+        if all(math.isnan(v) for _, m in runs.values() for col in columns for v in m[col]):
+            continue
         fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
         scale = 100 if quantity == "accuracy" else 1
         for i, (label, m) in enumerate(runs.values()):
@@ -64,7 +70,7 @@ def plot_runs(run_dirs: list[str | Path], prefix: str | Path) -> list[Path]:
                     ax.plot(m["epoch"], [scale * v for v in m[col]], STYLES[split], color=f"C{i}",
                             label=label if quantity == "lr" else f"{label} ({split})")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ylabel = {"loss": "cross-entropy", "accuracy": "accuracy (%)", "lr": "learning rate"}[quantity]
+        ylabel = YLABELS[quantity]
         ax.set(xlabel="epoch", ylabel=ylabel, title=f"{ylabel} per epoch", yscale="log" if quantity == "lr" else "linear")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
@@ -80,11 +86,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("plot", help="draw loss, accuracy and learning-rate curves of runs into PNGs",
+    p = subparsers.add_parser("plot", help="draw loss, accuracy, bits-per-character and learning-rate curves of "
+                                           "runs into PNGs",
                               description="Draw the curves of one or more `revnets train` runs (their metrics.csv) "
-                                          "into PREFIX-loss.png, PREFIX-accuracy.png and PREFIX-lr.png.")
+                                          "into PREFIX-loss.png, PREFIX-accuracy.png, PREFIX-bpc.png (text runs) "
+                                          "and PREFIX-lr.png.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories holding metrics.csv")
     p.add_argument("--out", default="curves", metavar="PREFIX",
-                   help="output path prefix (default: curves, giving curves-loss.png, curves-accuracy.png, "
-                        "curves-lr.png)")
+                   help="output path prefix (default: curves, giving curves-loss.png, curves-accuracy.png, ...)")
     p.set_defaults(func=run)
