@@ -284,7 +284,7 @@ class MidPointBlock(ReversibleBlock):
 
     State (Y_{j-1}, Y_j), each (N, C, *spatial). With `euler=True` it is the first step of a unit,
     the forward Euler step Y_1 = Y_0 + h s((K - K^T) Y_0 + b) of Eq. (12) on the state (Y_0, Y_0).
-    (Eq. (15) prints the j = 0 case without Y_0; the text says forward Euler, which we follow.)
+    (Eq. (15) prints the j = 0 case without Y_0; the text says forward Euler, as here.)
     The midpoint rule on imaginary eigenvalues has roots xi = i h omega +- sqrt(1 - (h omega)^2):
     stable for h |lambda| < 1.
     """

@@ -108,7 +108,7 @@ def build_lm(name: str, vocab_size: int, **overrides) -> ReversibleTransformer:
 
 
 # Table 1. ResNet-1202's row prints channels 32-64-128, but its 19.4M parameters are 16-32-64
-# (He et al.'s ResNet-1202), which we use.
+# (He et al.'s ResNet-1202), as registered here.
 register_model("resnet-32", scheme="resnet", units=(5, 5, 5), channels=(16, 32, 64))
 register_model("resnet-110", scheme="resnet", units=(18, 18, 18), channels=(16, 32, 64))
 register_model("resnet-1202", scheme="resnet", units=(200, 200, 200), channels=(16, 32, 64))

@@ -1,4 +1,4 @@
-"""`revnets models`: the registered models, image and text (Table 1 first), with our parameter counts
+"""`revnets models`: the registered models, image and text (Table 1 first), with their parameter counts
 next to the paper's.
 
 Models are built on the meta device, so counting the parameters of the 1,202-layer networks
