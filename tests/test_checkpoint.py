@@ -144,8 +144,9 @@ def test_a_resume_removes_the_temporary_files_of_a_killed_write(finished, tmp_pa
     stale = [".last.pt.k1l2e3.tmp", ".best.pt.abcd.tmp", ".metrics.csv.x.tmp", ".summary.json.y.tmp"]
     for name in [*stale, ".notes.txt.z.tmp"]:
         (run / name).write_bytes(b"half a file")
+    (run / ".best.pt.dir.tmp").mkdir()  # not a file a writer left: kept
     assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
-    assert sorted(p.name for p in run.glob(".*")) == [".notes.txt.z.tmp"]  # the lock is gone too
+    assert sorted(p.name for p in run.glob(".*")) == [".best.pt.dir.tmp", ".notes.txt.z.tmp"]  # the lock is gone too
     note = next(line for line in capsys.readouterr().out.splitlines() if "left by a killed run" in line)
     assert all(name in note for name in stale) and checkpoint.load(run / "last.pt")["epoch"] == 2
 
@@ -155,9 +156,58 @@ def test_a_lock_that_names_no_pid_is_taken_over_and_a_directory_refused(finished
     (run / ".lock").write_bytes(b"\xff\xfe\x80 not UTF-8")  # nobody holds its flock
     with RunDir(run).locked():
         assert (run / ".lock").read_text() == f"{os.getpid()}\n"
-    assert capsys.readouterr().out == f"note: taking over {run}/.lock, left by pid unknown, which no longer runs\n"
+    assert capsys.readouterr().out == f"note: taking over {run}/.lock, left by pid unknown, which no longer holds it\n"
     (run / ".lock").mkdir()
     assert main(["train", "--resume", str(run), "--epochs", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"error: {run}/.lock cannot be the lock of {run} (" in err, err
     assert checkpoint.load(run / "last.pt")["epoch"] == 1 and (run / ".lock").is_dir()
+
+
+def test_a_lock_that_is_a_link_is_refused_and_its_target_left_alone(finished, tmp_path, capsys):
+    run = shutil.copytree(finished, tmp_path / "run")
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    (run / ".lock").symlink_to(precious)
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{run}/.lock cannot be the lock of {run}" in err, err
+    assert precious.read_text() == "keep me" and checkpoint.load(run / "last.pt")["epoch"] == 1
+
+
+TINY_RUN = ["train", "--dataset", "digits", "--model", "hamiltonian-74", "--units", "1", "1", "1", "--channels", "8",
+            "8", "8", "--batch-size", "200", "--epochs", "1"]
+
+
+@pytest.mark.parametrize("name", ["config.json", "metrics.csv", "summary.json"])
+def test_a_new_run_refuses_a_directory_holding_files_it_would_overwrite(tmp_path, capsys, name):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / name).write_text("a user's file")
+    assert main([*TINY_RUN, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"holds {name} of another run or program" in err, err
+    assert (tmp_path / "out" / name).read_text() == "a user's file"
+
+
+def test_a_start_that_saved_only_its_config_starts_again(tmp_path):
+    """A run stopped before its first checkpoint (a full disk) leaves config.json: the same command runs."""
+    from revnets.cli.train import parse_config
+    from revnets.training.settings import config_dict
+    from revnets.files import write_json
+    out = tmp_path / "out"
+    write_json(out / "config.json", config_dict(parse_config([*TINY_RUN[1:], "--out", str(out)])))
+    assert main([*TINY_RUN, "--out", str(out)]) == 0 and checkpoint.load(out / "last.pt")["epoch"] == 1
+    assert main([*TINY_RUN, "--lr", "0.5", "--out", str(tmp_path / "other")]) == 0
+    write_json(tmp_path / "other2" / "config.json", config_dict(parse_config([*TINY_RUN[1:], "--out", str(out)])))
+    assert main([*TINY_RUN, "--lr", "0.5", "--out", str(tmp_path / "other2")]) == 2  # another run's settings
+
+
+@pytest.mark.parametrize("content", [b"garbage\nmore,stuff\n", b"epoch,lr\n\xff\xfe,1\n", b"epoch,lr\none,1\n"])
+def test_a_damaged_metrics_csv_stops_a_resume_before_anything_is_written(finished, tmp_path, capsys, content):
+    run = shutil.copytree(finished, tmp_path / "run")
+    (run / "metrics.csv").write_bytes(content)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{run}/metrics.csv is not a metrics.csv of a run" in err, err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before

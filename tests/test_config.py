@@ -37,6 +37,7 @@ TINY = ["--units", "1", "1", "1", "--channels", "8", "16", "32", "--batch-size",
     (["--device", "meta"], "device 'meta' holds no data"),
     (["--init-from", "/nonexistent.pt"], "--init-from /nonexistent.pt: no such checkpoint file"),
     (["--out", "{file}"], "is a file, not a directory"),
+    (["--out", ""], "--out must name a directory; got ''"),
     (["--segment", "\u00b2"], "--segment must be 'auto' or a positive number of blocks; got '\u00b2'"),
 ])
 def test_bad_settings_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, flags, message):

@@ -5,6 +5,7 @@ terminal; in a log file (stdout not a TTY) only the one-line epoch summaries app
 image folder, evaluating, analysing) show a bar on stderr when it is a terminal, else one line
 when they start. TensorBoard logging is used when the optional `tensorboard` package is importable.
 """
+import csv
 import importlib.util
 import os
 import sys
@@ -80,7 +81,15 @@ class MetricsCSV:
         write_csv(self.path, self.fields, [*self.read(), row])
 
     def read(self) -> list[dict]:
-        return read_csv(self.path)
+        """The rows; ValueError naming the file unless each has an integer epoch."""
+        try:
+            rows = read_csv(self.path)
+            for r in rows:
+                int(r["epoch"])
+        except (UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{self.path} is not a metrics.csv of a run ({type(e).__name__}: {e}); move it "
+                             "away to go on without its rows") from None
+        return rows
 
 
 def tensorboard_writer(log_dir: str | os.PathLike):

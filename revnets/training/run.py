@@ -94,7 +94,7 @@ class Run:
             raise ValueError(f"--batch-size {config.batch_size} must be a multiple of the {self.world} processes")
         self.dir = RunDir(config.out)
         if self.rank == 0:
-            self.dir.check_writable(resume=config.resume is not None)
+            self.dir.check_writable(config)
         self.resumed = self.dir.resume_checkpoint(config, self.device) if config.resume else None
         self.stamp = self.dir.stamp()
         self.task = TASKS[config.task](config, self.device, self.rank, self.world)
@@ -120,6 +120,8 @@ class Run:
         self.drift = DriftMonitor(config.drift_every, config.drift_threshold) if config.drift_every else None
         self.fields = self.task.fields + (("drift_max",) if config.drift_every else ())
         self.metrics = MetricsCSV(self.dir.path / "metrics.csv", self.fields)
+        if config.resume and self.rank == 0:
+            self.metrics.read()  # a damaged metrics.csv stops the run before anything is written
         self.tb, self.written = None, False
 
     def _placed(self, net: nn.Module) -> nn.Module:

@@ -38,13 +38,28 @@ class RunDir:
         self.config, self.last, self.best, self.summary = (self.path / f for f in
                                                            ("config.json", "last.pt", "best.pt", "summary.json"))
 
-    def check_writable(self, resume: bool) -> None:
-        """ValueError unless a run can be written here: a directory (or none yet) in a writable place,
-        holding no other run unless `resume`."""
+    def check_writable(self, config: Config) -> None:
+        """ValueError unless `config`'s run can be written here: a directory (or none yet) in a
+        writable place that, unless the run resumes, holds no run files but the config.json of a
+        start of this run that saved nothing."""
         check_directory(self.path)
-        if not resume and self.last.exists():
+        if config.resume:
+            return
+        if self.last.exists():
             raise ValueError(f"{self.path} already holds a run; continue it with --resume {self.path} "
                              "or choose another --out")
+        others = [f for f in RUN_FILES
+                  if (self.path / f).exists() and not (f == "config.json" and self._started(config))]
+        if others:
+            raise ValueError(f"{self.path} holds {', '.join(others)} of another run or program, which a run would "
+                             "overwrite; choose another --out")
+
+    def _started(self, config: Config) -> bool:
+        """Whether config.json is that of a start of `config`'s run (one stopped before its first epoch)."""
+        try:
+            return not changed_settings(json.loads(self.config.read_text()), config)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):  # not a run's config.json
+            return False
 
     def resume_checkpoint(self, config: Config, device) -> dict:
         """last.pt, on `device`, if `config` continues its run (the same settings; --epochs and
@@ -71,10 +86,15 @@ class RunDir:
         (`files.atomic_write`'s) are removed once it is held. A directory created here and left
         empty is removed again."""
         created = not self.path.exists()
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise DiskFull(self.path, 4096, 0) from None
+            raise ValueError(f"--out {self.path}: cannot be made a directory ({e.strerror})") from None
         lock = self.path / ".lock"
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # never write through a link
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise DiskFull(lock, 4096, 0) from None
@@ -92,7 +112,7 @@ class RunDir:
                 raise ValueError(f"{self.path} is in use by another revnets train ({owner}); wait "
                                  "for it to end or choose another --out")
             if content:
-                print(f"note: taking over {lock}, left by {owner}, which no longer runs", flush=True)
+                print(f"note: taking over {lock}, left by {owner}, which no longer holds it", flush=True)
             os.ftruncate(fd, 0)
             try:
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -114,7 +134,7 @@ class RunDir:
     def _remove_temporaries(self) -> None:
         """Delete the temporary files a writer killed inside `files.atomic_write` left of the run's
         files (.last.pt.XXXX.tmp, ...), with a note: under the lock, no other writer is using them."""
-        stale = [p for name in RUN_FILES for p in self.path.glob(f".{name}.*.tmp")]
+        stale = [p for name in RUN_FILES for p in self.path.glob(f".{name}.*.tmp") if p.is_file()]
         for path in stale:
             path.unlink(missing_ok=True)
         if stale:

@@ -193,6 +193,8 @@ class Config:
         if any(not 1 <= g < self.epochs for g in self.grow_at):
             raise ValueError(f"--grow-at epochs must lie in [1, {self.epochs}); got {self.grow_at}")
         self.check_model()
+        if not self.out:
+            raise ValueError("--out must name a directory; got ''")
         if self.data_dir is not None and not self.download and not Path(self.data_dir).exists():
             raise FileNotFoundError(f"--data-dir {self.data_dir} does not exist")
         if self.task == "text" and self.data_dir is None:
