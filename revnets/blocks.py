@@ -169,10 +169,16 @@ def _check_even(channels: int, name: str) -> None:
         raise ValueError(f"{name} splits its channels into two equal halves (Y, Z); got odd channels={channels}")
 
 
+H_MAX = math.sqrt(torch.finfo(torch.float32).max)  # Leapfrog steps with h^2, a float32 number
+
+
 def check_step(h: float) -> float:
-    """h if it is a step size: a finite number > 0 (0 would be the identity); ValueError otherwise."""
+    """h if it is a step size: a finite number > 0 (0 would be the identity) whose square float32
+    holds (h < H_MAX, 1.8e19); ValueError otherwise."""
     if isinstance(h, bool) or not isinstance(h, (int, float)) or not (math.isfinite(h) and h > 0):
         raise ValueError(f"h (the step size) must be a finite number > 0; got {h!r}")
+    if h >= H_MAX:
+        raise ValueError(f"h (the step size) must be below {H_MAX:.3g}, where h^2 overflows float32; got {h!r}")
     return h
 
 

@@ -74,6 +74,9 @@ class Vocabulary:
         return {"level": self.level, "chars": self.chars}
 
 
+MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb threshold (PIL.Image.MAX_IMAGE_PIXELS)
+
+
 class Classifier(nn.Module):
     """A trained network behind its input standardisation: images in [0, 1] -> logits.
 
@@ -91,8 +94,10 @@ class Classifier(nn.Module):
                              f"std {std.flatten().tolist()}")
         if isinstance(classes, str) or not all(isinstance(c, str) for c in classes):
             raise ValueError(f"classes must be a list of class names (strings); got {classes!r}")
-        if len(image_size) != 2 or not all(isinstance(n, int) and n > 0 for n in image_size):
-            raise ValueError(f"image_size must be (H, W), two positive integers; got {image_size!r}")
+        if len(image_size) != 2 or not all(isinstance(n, int) and n > 0 for n in image_size) or \
+                image_size[0] * image_size[1] > MAX_PIXELS:
+            raise ValueError(f"image_size must be (H, W), two positive integers, at most {MAX_PIXELS:,} pixels; got "
+                             f"{image_size!r}")
         self.net, self.classes, self.image_size = net, list(classes), tuple(image_size)
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
@@ -269,7 +274,19 @@ def from_checkpoint(ckpt: dict, path: str | os.PathLike, rec: dict | None = None
         raise ValueError(f"{path}: its model record cannot be built ({e})") from None
     checkpoint.load_state(model.net, state, path)
     checkpoint.check_finite(state, path)
-    return model.eval()
+    _check_outputs(model.eval(), path)
+    return model
+
+
+def _check_outputs(model: nn.Module, path) -> None:
+    """ValueError unless the model's outputs on a plain input (grey pixels, or one token) are finite:
+    weights and settings (a huge h, say) that give none are no usable model."""
+    x = torch.full((1, model.in_channels, *model.image_size), 0.5) if isinstance(model, Classifier) else \
+        torch.zeros(1, 1, dtype=torch.long)
+    with torch.no_grad():
+        if not torch.isfinite(model(x)).all():
+            raise ValueError(f"{path}: its model's outputs are not finite (its settings or weights make no usable "
+                             "model)")
 
 
 def _check_size(rec: dict, state: dict, path) -> None:

@@ -232,6 +232,9 @@ OLD_IMAGE = DATA / "digits-2026-12-01.pt"  # a checkpoint of 3d4780f: the record
     (False, lambda c: c["record"]["overrides"].update(units=(100_000,) * 3), "asks for 300000 blocks"),
     (False, lambda c: c["record"].update(grown=60), "grown=60 is not a number of growths"),
     (False, lambda c: c["record"]["overrides"].update(channels=(10**7,) * 3), "does not match the model"),
+    (False, lambda c: c["record"]["overrides"].update(h=1e30), r"must be below 1.84e\+19, where h\^2 overflows"),
+    (False, lambda c: c["record"]["overrides"].update(h=1e15), "its model's outputs are not finite"),
+    (False, lambda c: c["record"].update(image_size=(100_000, 100_000)), "at most 89,478,485 pixels"),
 ])
 def test_a_checkpoint_whose_settings_are_bad_is_refused_before_it_is_built(run, tmp_path, capsys, old, damage,
                                                                           expected):
