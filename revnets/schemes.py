@@ -92,7 +92,11 @@ def register_scheme(name: str, block_cls: type[nn.Module], layer: type[Layer] | 
         raise ValueError(f"scheme {name!r} is already registered (to {SCHEMES[name].block.__name__})")
     if not (isinstance(block_cls, type) and issubclass(block_cls, nn.Module)):
         raise ValueError(f"register_scheme expects an nn.Module class for {name!r}; got {block_cls!r}")
-    if issubclass(block_cls, ReversibleBlock) and not _takes_dim(block_cls):
+    unknown = [key for key in defaults if not _takes(block_cls, key)]
+    if unknown:
+        raise ValueError(f"scheme {name!r}: {block_cls.__name__}.__init__ takes no {', '.join(unknown)}, given as "
+                         "defaults")
+    if issubclass(block_cls, ReversibleBlock) and not _takes(block_cls, "dim"):
         raise ValueError(f"scheme {name!r}: {block_cls.__name__}.__init__ must take dim (blocks are built as "
                          "block(channels, dim=dim, **kw); dim 0: dense features, 1-3: a convolution over that many "
                          "axes): add `dim: int = 2` to its parameters")
@@ -104,10 +108,10 @@ def register_scheme(name: str, block_cls: type[nn.Module], layer: type[Layer] | 
     return SCHEMES[name]
 
 
-def _takes_dim(block_cls: type) -> bool:
-    """Whether `block_cls(...)` accepts a `dim` keyword (named, or through **kw)."""
+def _takes(block_cls: type, keyword: str) -> bool:
+    """Whether `block_cls(...)` accepts `keyword` (named, or through **kw)."""
     parameters = inspect.signature(block_cls).parameters.values()
-    return any(p.name == "dim" and p.kind != p.POSITIONAL_ONLY or p.kind == p.VAR_KEYWORD for p in parameters)
+    return any(p.name == keyword and p.kind != p.POSITIONAL_ONLY or p.kind == p.VAR_KEYWORD for p in parameters)
 
 
 def get_scheme(scheme: "str | Scheme") -> Scheme:

@@ -193,3 +193,9 @@ def test_registered_models_work_with_grow_and_analysis():
     assert analysis.check_step_size(model, torch.randn(1, 3, 8, 8))["h"] == 0.05
     with pytest.raises(ValueError, match="step size h"):
         grow(revnets.build_model("user-tanh-6"))
+
+
+def test_register_scheme_refuses_defaults_its_block_class_does_not_take():
+    with pytest.raises(ValueError, match=r"scheme 'frob': _Dense.__init__ takes no frob, given as defaults"):
+        register_scheme("frob", _Dense, frob=1)
+    assert "frob" not in SCHEMES
