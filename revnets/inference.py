@@ -183,7 +183,7 @@ def build_network(rec: dict) -> nn.Module:
     if rec["model"] == HF:
         return _hf_network(rec)
     if spec(rec["model"])["kind"] != rec["kind"]:
-        raise ValueError(f"model {rec['model']!r} is not an {rec['kind']} model")
+        raise ValueError(f"model {rec['model']!r} is not {'an image' if rec['kind'] == 'image' else 'a text'} model")
     try:
         if rec["kind"] == "image":
             net = build_model(rec["model"], num_classes=len(rec["classes"]), in_channels=rec["in_channels"],

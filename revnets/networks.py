@@ -170,7 +170,8 @@ class ReversibleStack(ReversibleUnit):
 def check_float(x: Tensor, name: str) -> None:
     """ValueError unless `x` is a floating-point tensor (the input of a network of `name`)."""
     if not x.is_floating_point():
-        raise ValueError(f"{name} expects floating-point input (float32, float64, bfloat16, ...); got {x.dtype}")
+        raise ValueError(f"{name} expects floating-point input (of its parameters' dtype, or any under autocast); "
+                         f"got {x.dtype}")
 
 
 def plain_unit(block: type[nn.Module], c_in: int, c: int, n: int, pool: bool, memory_efficient: bool = True,
