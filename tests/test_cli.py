@@ -193,3 +193,27 @@ def test_import_revnets_loads_no_training_command_or_argparse_module():
 def test_benchmarks_train_through_the_library_step(script):
     source = (ROOT / "benchmarks" / script).read_text()
     assert "train_step(" in source and "opt.step()" not in source
+
+
+@pytest.mark.parametrize("error", [RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate "
+                                                "memory: you tried to allocate 120000000000 bytes."),
+                                   MemoryError()])
+def test_running_out_of_memory_is_one_line_and_exit_1(monkeypatch, capsys, error):
+    from revnets.cli import models
+
+    def run(args):
+        raise error
+    monkeypatch.setattr(models, "run", run)
+    assert main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("revnets models: stopped: out of memory ("), err
+
+
+def test_other_runtime_errors_are_not_taken_for_memory(monkeypatch):
+    from revnets.cli import models
+
+    def run(args):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(models, "run", run)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["models"])

@@ -23,6 +23,8 @@ import os
 import sys
 import textwrap
 
+import torch
+
 from .. import __version__
 from ..files import DiskFull
 from ..training import NonFiniteError
@@ -109,6 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"{command}: {e or 'interrupted before anything was written'}", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        reason = str(e).split("DefaultCPUAllocator: ")[-1].strip().splitlines()
+        print(f"{command}: stopped: out of memory ({reason[0] if reason else type(e).__name__})", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: end quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is an allocation that failed: Python's, a device's or the CPU allocator's (a
+    RuntimeError saying so)."""
+    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or "can't allocate memory" in str(e)
