@@ -35,7 +35,7 @@ class DiskFull(OSError):
 
 
 def _mb(n: int) -> str:
-    return f"{n / 2**20:.1f} MB"
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
 
 
 def atomic_write(path: str | os.PathLike, write, text: bool = False) -> None:

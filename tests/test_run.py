@@ -292,7 +292,7 @@ def test_a_disk_without_room_stops_before_writing_and_says_what_it_needs(tmp_pat
     from revnets import files
     (tmp_path / "old.json").write_text("{}")
     monkeypatch.setattr(files.shutil, "disk_usage", lambda path: __import__("shutil")._ntuple_diskusage(1, 1, 10))
-    with pytest.raises(files.DiskFull, match=r"no space left for .*old.json: it needs 0.0 MB and 0.0 MB are free"):
+    with pytest.raises(files.DiskFull, match=r"no space left for .*old.json: it needs 0.8 KB and 0.0 KB are free"):
         files.write_json(tmp_path / "old.json", {"a": list(range(100))})
     assert (tmp_path / "old.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]
 
@@ -317,7 +317,7 @@ def test_a_full_disk_exits_4_with_files_in_step_and_resumes_once_there_is_room(t
     run = small_disk / "run"
     assert main(["train", *TASKS[task], "--epochs", "3", "--out", str(run)]) == 4  # epoch 1 fits, epoch 2 does not
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and re.match(rf"revnets train: stopped: no space left for {run}/\S+: it needs [\d.]+ MB", err[0])
+    assert len(err) == 1 and re.match(rf"revnets train: stopped: no space left for {run}/\S+: it needs [\d.]+ [KM]B", err[0])
     assert "holds epoch 1" in err[0] and err[0].endswith(f"continue with: revnets train --resume {run}")
     assert checkpoint.load(run / "last.pt")["epoch"] == 1 and [r["epoch"] for r in _metrics(run)] == ["1"]
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)

@@ -213,7 +213,9 @@ class Run:
         if not self.dir.last.exists():
             return "nothing was saved" + (" but config.json" if self.dir.config.exists() else "")
         saved = checkpoint.load(self.dir.last)
-        return f"{self.dir.last} holds epoch {saved['epoch']} and {self.dir.best} epoch {saved['best_epoch']}"
+        best = checkpoint.load(self.dir.best)["epoch"] if self.dir.best.exists() else None
+        return f"{self.dir.last} holds epoch {saved['epoch']}" + (
+            f" and {self.dir.best} epoch {best}" if best else f" ({self.dir.best} is written when the run resumes)")
 
     def _fault(self, what: str, where: str) -> NonFiniteError:
         """The one-line report of a non-finite value: where, what the files hold, what to try."""
