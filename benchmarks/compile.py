@@ -1,30 +1,38 @@
 """torch.compile and the reversible engine: step times, eager and compiled, and what remains of the gap.
 
-    OMP_NUM_THREADS=1 python benchmarks/compile.py             # CPU: about 10 minutes of one core
+    OMP_NUM_THREADS=1 python benchmarks/compile.py             # CPU: about 30 minutes of one core
     OMP_NUM_THREADS=1 python benchmarks/compile.py --record    # also append the tables to BENCHMARKS.md
     python benchmarks/compile.py --device cuda --record        # the GPU rows
 
-Two comparisons, each of a baseline and a reversible model, eager and compiled (`torch.compile`,
-inductor, which the engine also compiles the residual functions with: revnets.engine):
-  * transformer: Leapfrog against the residual (pre-norm, GPT-2) transformer at `--depths`
-    (default 12), width 56, 4 heads, context 64, the standard MLP, vocabulary 80, batch 32 (`LM`,
+Comparisons of a baseline and other models, each eager and compiled (`torch.compile`, inductor,
+which the engine also compiles the residual functions with: revnets.engine):
+  * transformer, at each of `--depths` (default 12 and 48): the residual (pre-norm, GPT-2) model
+    against every reversible transformer scheme (`SCHEMES`: hamiltonian, midpoint, leapfrog,
+    revnet), width 56, 4 heads, context 64, the standard MLP, vocabulary 80, batch 32 (`LM`,
     `LM_BATCH`), one step of next-token cross-entropy;
-  * image unit: one Hamiltonian unit of `--blocks` blocks at 32 channels, 32x32 inputs, batch 8
-    (benchmarks/step_time.py's CPU setting) against the same unit with plain autograd.
+  * image unit: one unit of `--blocks` (default 100) `hamiltonian-74` blocks at 32 channels, 32x32
+    inputs, batch 8 (benchmarks/step_time.py's CPU setting, reduced), with plain autograd (the
+    baseline), with `torch.utils.checkpoint` per block (use_reentrant=False; common.Checkpointed) and
+    reversible (the engine).
 
 Step time, per model: the first step's wall time (compilation, inductor's on-disk cache emptied
 first), the graphs compiled in it, the recompiles in the steps after it, and the best and the
-median of `--rounds` steps, the four models' steps interleaved and timed by the process's CPU time
-(one thread; other jobs on a shared machine only add time, so the best is the closest to the
-step's own cost, as `timeit` takes it; on a GPU, wall time with synchronisation). Ratios compare
-the models of one mode (reversible over baseline) and each compiled model with its eager self.
+median of `--rounds` steps, the steps of all models of a comparison, eager and compiled,
+interleaved and timed by the process's CPU time (one thread; other jobs on a shared machine only
+add time, so the best is the closest to the step's own cost, as `timeit` takes it; on a GPU, wall
+time with synchronisation). Ratios compare each model with the baseline of the same mode, and each
+compiled model with its eager self.
 
 What remains of the gap: (1) the floor, per block of the middle of the chain, without the engine:
-the baseline block's forward and backward against what the engine computes of a reversible block,
-each coupling's residual function once without grad (the forward) and once with grad,
-back-propagated (the recomputation); (2) a profile of `--profile-steps` steps of every model: self
-CPU time per step by kind of work (matrix products and convolutions, attention, inductor's generated
-kernels, other aten operators, the engine's own Python, the rest).
+the baseline block's forward and backward against what the engine computes of a block of each
+reversible model, each coupling's residual function once without grad (the forward) and once with
+grad, back-propagated (the recomputation); (2) a profile of `--profile-steps` steps of the models in
+`PROFILED` (every image model; of the transformers, the residual model and Leapfrog alone, to keep the
+run short): self CPU time per step by kind of work (matrix products and convolutions, attention,
+inductor's generated kernels, other aten operators, the engine's own Python, the rest).
+
+Time, CPU, one core: about 30 minutes (an estimate from the depth-12 and 18-block timings), most of
+it compiling the baselines at depth 48 and at 100 blocks, whose whole graphs inductor compiles.
 """
 import argparse
 import os
@@ -39,12 +47,14 @@ import torch.nn.functional as F  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from common import build, markdown, record, train_step  # noqa: E402
-from revnets import Network, ReversibleTransformer  # noqa: E402
+from common import Checkpointed, build, markdown, record, train_step  # noqa: E402
+from revnets import SCHEMES, Network, ReversibleTransformer  # noqa: E402
 from revnets.engine import chain_steps, compiled_steps  # noqa: E402
 
 LM = dict(vocab_size=80, width=56, heads=4, context=64)
 LM_BATCH, IMAGE = 32, dict(channels=32, size=32, batch=8)
+REVERSIBLE = [n for n, r in SCHEMES.items() if r.reversible and r.layer is not None]  # the transformer schemes
+PROFILED = ("residual", "leapfrog", "plain", "checkpoint", "reversible")
 COLUMNS = ["comparison", "model", "mode", "best_ms", "median_ms", "vs_baseline", "vs_baseline_median", "vs_eager",
            "first_step_s", "graphs", "recompiles"]
 
@@ -57,14 +67,17 @@ def transformer(depth: int, device: str):
     x = torch.randint(0, LM["vocab_size"], (LM_BATCH, LM["context"] + 1), generator=torch.Generator().manual_seed(0))
     x = x.to(device)
     state = (torch.randn(LM_BATCH, LM["context"], LM["width"], device=device),)
-    return ({"residual": lm("resnet"), "leapfrog": lm("leapfrog")},
+    return ({"residual": lm("resnet"), **{scheme: lm(scheme) for scheme in REVERSIBLE}},
             lambda model: F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward(), state)
 
 
 def image_unit(blocks: int, device: str):
     shape = dict(units=(blocks,), channels=(IMAGE["channels"],))
-    models = {"plain": build("hamiltonian-74", "plain", **shape).to(device),
-              "reversible": build("hamiltonian-74", "reversible", **shape).to(device)}
+    models = {name: build("hamiltonian-74", mode, **shape).to(device)
+              for name, mode in [("plain", "plain"), ("checkpoint", "plain"), ("reversible", "reversible")]}
+    for unit in models["checkpoint"].units:  # common.build's checkpoint mode, with its blocks kept in the chain
+        for i, block in enumerate(unit.blocks):  # that runs them (common.build puts a ModuleList, which has no forward)
+            unit.blocks[i] = Checkpointed(block)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(IMAGE["batch"], 3, IMAGE["size"], IMAGE["size"], generator=gen).to(device)
     y = torch.randint(0, 10, (IMAGE["batch"],), generator=gen).to(device)
@@ -76,7 +89,8 @@ class Own(torch.nn.Module):
     """A model in a module of its own. Dynamo keeps compiled code per code object: the reversible
     image network's graph break at its chain leaves its `Network.forward` entry guarded only up to
     the unit, and a plain `Network` compiled in the same process would then run that piecewise code
-    instead of its own whole graph. The baseline compiled through `Own` looks up its own entry."""
+    instead of its own whole graph. The models without the engine (plain, checkpointed, residual)
+    are compiled through `Own`: whole graphs, which guard on all they read."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -114,7 +128,7 @@ def step_times(comparison: str, models: dict, step, device: str, rounds: int, co
     baseline, runs, first = next(iter(models)), {}, {}
     for name, model in models.items():
         runs[name, "eager"] = model
-        runs[name, "compiled"] = torch.compile(Own(model) if name == baseline else model)
+        runs[name, "compiled"] = torch.compile(model if model.memory_efficient else Own(model))
         for mode in ("eager", "compiled"):
             before, t = counter.frame_count, time.perf_counter()
             step(runs[name, mode])
@@ -143,9 +157,10 @@ def middle_block(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def floor(comparison: str, models: dict, state: tuple, device: str, rounds: int, counter) -> list[dict]:
-    """The baseline block's forward and backward, and a reversible block's work in the engine without
-    the engine (module docstring), eager and compiled."""
-    baseline, reversible = (middle_block(m) for m in models.values())
+    """The baseline block's forward and backward, and the work in the engine of a block of each
+    reversible model, without the engine (module docstring), eager and compiled."""
+    baseline = middle_block(next(iter(models.values())))
+    reversible = {name: middle_block(m) for name, m in models.items() if m.memory_efficient}
 
     def block_step(block):
         def once():
@@ -155,7 +170,7 @@ def floor(comparison: str, models: dict, state: tuple, device: str, rounds: int,
             torch.autograd.grad(out, [*inputs, *baseline.parameters()], [torch.ones_like(o) for o in out])
         return once
 
-    def couplings(steps):
+    def couplings(block, steps):
         def once():
             b = state[-1]
             for coupling, _ in steps:
@@ -163,15 +178,17 @@ def floor(comparison: str, models: dict, state: tuple, device: str, rounds: int,
                     coupling.update(b)
                 x = b.detach().requires_grad_()
                 u = coupling.update(x)
-                torch.autograd.grad(u, [x, *reversible.parameters()], torch.ones_like(u), allow_unused=True)
+                torch.autograd.grad(u, [x, *block.parameters()], torch.ones_like(u), allow_unused=True)
         return once
-    steps = chain_steps([reversible], None)
-    runs = {("baseline", "eager"): block_step(baseline), ("baseline", "compiled"): block_step(torch.compile(baseline)),
-            ("reversible", "eager"): couplings(steps), ("reversible", "compiled"): couplings(compiled_steps(steps))}
+    runs = {("baseline", "eager"): block_step(baseline), ("baseline", "compiled"): block_step(torch.compile(baseline))}
+    for name, block in reversible.items():
+        steps = chain_steps([block], None)
+        runs[name, "eager"], runs[name, "compiled"] = couplings(block, steps), couplings(block, compiled_steps(steps))
     ms = interleaved(runs, 3 * rounds, device, counter)["ms"]
-    return [dict(comparison=comparison, mode=mode, baseline_block_ms=min(ms["baseline", mode]),
-                 reversible_block_ms=min(ms["reversible", mode]),
-                 floor=f"{min(ms['reversible', mode]) / min(ms['baseline', mode]):.2f}") for mode in ("eager", "compiled")]
+    return [dict(comparison=comparison, model=name, mode=mode, baseline_block_ms=min(ms["baseline", mode]),
+                 reversible_block_ms=min(ms[name, mode]),
+                 floor=f"{min(ms[name, mode]) / min(ms['baseline', mode]):.2f}")
+            for name in reversible for mode in ("eager", "compiled")]
 
 
 KINDS = {  # kind of work -> whether a profiler event's name belongs to it (the first kind that claims it)
@@ -199,8 +216,8 @@ def profile_kinds(model, step, steps: int) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--depths", type=int, nargs="+", default=[12], help="transformer depths")
-    p.add_argument("--blocks", type=int, default=18, help="blocks of the image unit")
+    p.add_argument("--depths", type=int, nargs="+", default=[12, 48], help="transformer depths")
+    p.add_argument("--blocks", type=int, default=100, help="blocks of the image unit")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--device", default="cpu")
@@ -216,22 +233,29 @@ def main() -> None:
     for comparison, (models, step, state) in comparisons.items():
         found, runs = step_times(comparison, models, step, args.device, args.rounds, counter)
         rows += found
-        floors += floor(comparison, models, state, args.device, args.rounds, counter)
-        kinds = {f"{name}, {mode}": profile_kinds(model, step, args.profile_steps) for (name, mode), model in runs.items()}
+        found_floor = floor(comparison, models, state, args.device, args.rounds, counter)
+        floors += found_floor
+        kinds = {f"{name}, {mode}": profile_kinds(model, step, args.profile_steps)
+                 for (name, mode), model in runs.items() if name in PROFILED}
         by_kind = [dict(kind=kind, **{m: k[kind] for m, k in kinds.items()}) for kind in [*KINDS, "everything else"]]
         by_kind.append(dict(kind="total", **{m: sum(k.values()) for m, k in kinds.items()}))
         profiles.append(f"Profile, {comparison}: self CPU ms per step\n\n" + markdown(by_kind, ["kind", *kinds]))
-        print("\n\n".join([markdown(found, COLUMNS), markdown(floors[-2:], list(floors[-1])), profiles[-1]]), flush=True)
+        print("\n\n".join([markdown(found, COLUMNS), markdown(found_floor, list(found_floor[0])), profiles[-1]]),
+              end="\n\n", flush=True)
     tables = "\n\n".join([markdown(rows, COLUMNS), markdown(floors, list(floors[0])), *profiles])
     if args.record:
         record("torch.compile: step times, the floor, what remains of the gap", args.device, tables,
-               f"Transformer: {LM}, batch {LM_BATCH}; image unit: {IMAGE}, Hamiltonian blocks (h = 0.1, BatchNorm). "
-               f"Step time: best and median of {args.rounds} interleaved steps after two, by "
-               f"{'wall time' if args.device.startswith('cuda') else 'process CPU time'}; vs_baseline: reversible "
-               "over baseline in the same mode (best; and median), vs_eager: compiled over eager, same model. "
+               f"Transformer: {LM}, batch {LM_BATCH}, the residual model (baseline) and the reversible schemes "
+               f"{', '.join(REVERSIBLE)}; image unit: {IMAGE}, Hamiltonian blocks (hamiltonian-74, h = 0.1, "
+               "BatchNorm), plain autograd (baseline), torch.utils.checkpoint per block (use_reentrant=False) and "
+               f"reversible. Step time: best and median of {args.rounds} steps after two, all models of a comparison "
+               "interleaved, by "
+               f"{'wall time' if args.device.startswith('cuda') else 'process CPU time'}; vs_baseline: over the "
+               "baseline in the same mode (best; and median), vs_eager: compiled over eager, same model. "
                "first_step_s: wall time of the first step (a cold compile); graphs: compiled in it; recompiles: "
                f"graphs compiled in the {args.rounds + 1} steps after it. Floor: one block of the middle of the chain, "
-               f"best of {3 * args.rounds} (module docstring). Profile: self CPU time per step (ms) under "
+               f"each reversible model's against the baseline's, best of {3 * args.rounds} (module docstring). Profile "
+               "(the residual and Leapfrog transformers; every image model): self CPU time per step (ms) under "
                f"torch.profiler over {args.profile_steps} steps, by kind of work.")
 
 
