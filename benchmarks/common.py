@@ -37,9 +37,10 @@ def build(name: str, mode: str, dtype=torch.float32, **overrides) -> torch.nn.Mo
     """`mode`: 'reversible' (the engine), 'plain' (autograd keeps everything) or 'checkpoint'."""
     torch.manual_seed(0)
     model = revnets.build_model(name, memory_efficient=mode == "reversible", **overrides).to(dtype)
-    if mode == "checkpoint":
+    if mode == "checkpoint":  # each block of each unit's chain (plain autograd) under torch.utils.checkpoint
         for unit in model.units:
-            unit.blocks = torch.nn.ModuleList(Checkpointed(b) for b in getattr(unit, "blocks", []))
+            for i, block in enumerate(getattr(unit, "blocks", [])):
+                unit.blocks[i] = Checkpointed(block)
     return model
 
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from common import Checkpointed, build, markdown, record, train_step  # noqa: E402
+from common import build, markdown, record, train_step  # noqa: E402
 from revnets import SCHEMES, Network, ReversibleTransformer  # noqa: E402
 from revnets.engine import chain_steps, compiled_steps  # noqa: E402
 
@@ -73,11 +73,7 @@ def transformer(depth: int, device: str):
 
 def image_unit(blocks: int, device: str):
     shape = dict(units=(blocks,), channels=(IMAGE["channels"],))
-    models = {name: build("hamiltonian-74", mode, **shape).to(device)
-              for name, mode in [("plain", "plain"), ("checkpoint", "plain"), ("reversible", "reversible")]}
-    for unit in models["checkpoint"].units:  # common.build's checkpoint mode, with its blocks kept in the chain
-        for i, block in enumerate(unit.blocks):  # that runs them (common.build puts a ModuleList, which has no forward)
-            unit.blocks[i] = Checkpointed(block)
+    models = {mode: build("hamiltonian-74", mode, **shape).to(device) for mode in ("plain", "checkpoint", "reversible")}
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(IMAGE["batch"], 3, IMAGE["size"], IMAGE["size"], generator=gen).to(device)
     y = torch.randint(0, 10, (IMAGE["batch"],), generator=gen).to(device)

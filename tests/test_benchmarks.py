@@ -39,3 +39,13 @@ def test_engine_overhead_runs_its_four_variants():
     assert done.returncode == 0, done.stderr[-3000:]
     for variant in ("| plain |", "| reversible |", "| reversible, bare |", "| reversible, check every step |"):
         assert variant in done.stdout
+
+
+def test_step_time_runs_plain_checkpointed_and_reversible_models():
+    done = subprocess.run([sys.executable, "step_time.py", "--models", "hamiltonian-74", "--blocks", "2", "--channels",
+                           "4", "--batch", "2", "--size", "8", "--repeats", "1", "--precisions", "fp32"],
+                          cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for mode in ("plain", "checkpoint", "reversible"):
+        assert f"| hamiltonian | 2 | fp32 | {mode} |" in done.stdout
