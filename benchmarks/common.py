@@ -78,7 +78,8 @@ def measure(name: str, mode: str, batch: int, size: int, device: str, amp: str |
         times.append(time.perf_counter() - t)
     peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     out = dict(model=name, mode=mode, amp=amp or "fp32", ms=1e3 * statistics.median(times[1:]),
-               peak_mb=(peak - base) / 2**20, param_mb=sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+               peak_mb=(peak - base) / 2**20,
+               param_mb=sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
                **{k: str(v) for k, v in overrides.items()})
     if grad_error:
         g = grad_vector(model)
@@ -95,10 +96,10 @@ def measure_interleaved(name: str, modes: list[str], batch: int, size: int, devi
 
     On a shared machine the load changes from second to second; alternating the modes step by
     step gives each the same conditions, so their ratio is fair. On a CPU the time is the
-    process's CPU time, which other processes' load disturbs far less than wall-clock time. Per mode: median ms, gradient
-    error against a float64 plain-autograd reference, and on a GPU the step's peak allocator
-    memory above what was held before it (CPU peak memory needs a process per mode:
-    memory_vs_depth.py).
+    process's CPU time, which other processes' load disturbs far less than wall-clock time.
+    Per mode: median ms, gradient error against a float64 plain-autograd reference, and on a
+    GPU the step's peak allocator memory above what was held before it (CPU peak memory needs
+    a process per mode: memory_vs_depth.py).
     """
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, size, size, generator=gen).to(device)
@@ -154,7 +155,8 @@ def machine(device: str) -> str:
 
 def markdown(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
-        return f"{v:,.1f}" if isinstance(v, float) and abs(v) >= 0.1 else (f"{v:.1e}" if isinstance(v, float) else str(v))
+        return (f"{v:,.1f}" if isinstance(v, float) and abs(v) >= 0.1
+                else (f"{v:.1e}" if isinstance(v, float) else str(v)))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)

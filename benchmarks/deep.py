@@ -74,8 +74,8 @@ def main() -> None:
     if args.record:
         record("1,202 layers: peak memory and largest batch", args.device, table,
                f"One SGD step with momentum after a first one, 32x32 inputs, amp {args.amp or 'off'}; peak_mb counts "
-               "everything the step holds (parameters, gradients, momentum, activations) from before the model was built. "
-               "largest_batch: the largest batch whose step ran without running out of GPU memory.")
+               "everything the step holds (parameters, gradients, momentum, activations) from before the model was "
+               "built. largest_batch: the largest batch whose step ran without running out of GPU memory.")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from revnets.training import NonFiniteError, data, train_step
 from common import markdown, record
 
 # (model, units, norm, h); widths are half the paper's so that the grid fits a CPU.
-GRID = [(m, u, norm, h) for m, u in (("hamiltonian-74", (6, 6, 6)), ("midpoint-26", (4, 4, 4)), ("leapfrog-26", (4, 4, 4)))
+GRID = [(m, u, norm, h)
+        for m, u in (("hamiltonian-74", (6, 6, 6)), ("midpoint-26", (4, 4, 4)), ("leapfrog-26", (4, 4, 4)))
         for norm in ("none", "batch") for h in (0.1, 1.0)]
 GRID += [("hamiltonian-218", (18, 18, 18), norm, h) for norm, h in (("none", 0.1), ("none", 1.0), ("batch", 0.1))]
 GRID += [("resnet-32", (5, 5, 5), "batch", None), ("revnet-38", (3, 3, 3), "batch", None)]

@@ -101,7 +101,8 @@ def main() -> None:
     if args.record:
         record("Engine safeguards: replay bookkeeping and drift check", "cpu", table,
                f"`{args.model}`, one unit of {args.blocks} blocks at {args.channels} channels, batch {args.batch}, "
-               f"{args.size}x{args.size} inputs, fp32; CPU time, median of {args.repeats} interleaved rounds after a warm-up round. "
+               f"{args.size}x{args.size} inputs, fp32; CPU time, median of {args.repeats} interleaved rounds "
+               "after a warm-up round. "
                "ratio: to plain autograd; vs_bare: to the engine without replay bookkeeping.")
 
 

@@ -46,8 +46,8 @@ def main() -> None:
         record("Memory and time versus depth", args.device, table,
                f"One training step (forward, cross-entropy, backward) of `{args.model}` with units of n blocks, "
                f"channels {args.channels}, batch {args.batch}, {args.size}x{args.size} inputs; peak_mb is the "
-               "peak memory of the step above what the process held before it (CPU: resident set, GPU: allocator), after "
-               "the model was built: gradients included (param_mb is the size of the parameters, and so of their "
+               "peak memory of the step above what the process held before it (CPU: resident set, GPU: allocator), "
+               "after the model was built: gradients included (param_mb is the size of the parameters, and so of their "
                "gradients).")
 
 

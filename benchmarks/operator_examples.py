@@ -154,7 +154,8 @@ def main() -> None:
             sched.step()
             total += loss.item() * len(idx)
         recalibrate(model, train_x)
-        print(f"epoch {epoch:2d}  train loss {total / len(train_x):.3f}  test acc {100 * accuracy(model, test_x, test_y):.2f}%"
+        print(f"epoch {epoch:2d}  train loss {total / len(train_x):.3f}  "
+              f"test acc {100 * accuracy(model, test_x, test_y):.2f}%"
               f"  ({time.perf_counter() - start:.0f} s)")
     batch = train_x[: args.batch], train_y[: args.batch]
     print(f"gradient vs plain autograd on one batch: relative difference {gradient_gap(model, config, *batch):.1e}")

@@ -24,7 +24,8 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["hamiltonian-74"],
-                   help="registry names (their scheme is what matters), e.g. hamiltonian-74 midpoint-26 leapfrog-26 revnet-38")
+                   help="registry names (their scheme is what matters), "
+                        "e.g. hamiltonian-74 midpoint-26 leapfrog-26 revnet-38")
     p.add_argument("--blocks", type=int, nargs="+", default=[18, 100, 300] if gpu else [18, 100])
     p.add_argument("--channels", type=int, default=64)
     p.add_argument("--batch", type=int, default=128 if gpu else 16)
@@ -55,10 +56,10 @@ def main() -> None:
     if args.record:
         record("Step time, memory and gradient error", args.device, table,
                f"One unit of n blocks at {args.channels} channels, batch {args.batch}, {args.size}x{args.size} inputs; "
-               "one training step (forward, cross-entropy, backward); the three modes' steps interleaved in one process, "
-               "median of the timed rounds after one warm-up round. peak_mb (GPU only): the step's peak allocator "
-               "memory above what was held before it; CPU memory: memory_vs_depth.py. grad_err: against a float64 "
-               "plain-autograd reference.")
+               "one training step (forward, cross-entropy, backward); the three modes' steps interleaved in one "
+               "process, median of the timed rounds after one warm-up round. peak_mb (GPU only): the step's peak "
+               "allocator memory above what was held before it; CPU memory: memory_vs_depth.py. grad_err: against "
+               "a float64 plain-autograd reference.")
 
 
 if __name__ == "__main__":

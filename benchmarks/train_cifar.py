@@ -50,7 +50,8 @@ def main() -> None:
         argv += ["--channels-last"] * on_gpu + ["--compile"] * args.compile
         s = train(parse_config(argv))
         rows.append({"model": name, "params": f"{s['params'] / 1e6:.3f}M", "epochs": args.epochs,
-                     "batch": args.batch_size, "test acc": f"{s['final_acc']:.2%}", "best-epoch test acc": f"{s['best_test_acc']:.2%}",
+                     "batch": args.batch_size, "test acc": f"{s['final_acc']:.2%}",
+                     "best-epoch test acc": f"{s['best_test_acc']:.2%}",
                      "images/s": f"{s['images_per_s']:,.0f}", "wall s": f"{s['wall_s']:.1f}",
                      "peak MB": f"{s['peak_mb']:,.0f}"})
     table = markdown(rows, COLUMNS)

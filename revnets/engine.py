@@ -396,7 +396,7 @@ def _reverse_backward(ctx, a0: Tensor, b0: Tensor, p: Tensor, q: Tensor, grad_x:
 
 
 def recompute_backward(run: Callable, steps: Steps, a: Tensor, b: Tensor, params, grad_x: Tensor,
-                        grad_y: Tensor) -> list:
+                       grad_y: Tensor) -> list:
     """Back-propagate (dL/dx, dL/dy) through a differentiable recomputation `run(steps, a, b)` of the
     chain from its kept input, so that the gradients have a graph (`create_graph=True`). Returns
     the gradients for (a, b, *params), None where one needs none."""

@@ -93,7 +93,8 @@ def test_arnoldi_residuals_bound_the_distance_to_the_spectrum():
     the isolated extreme eigenvalue converges in 30 of 200 steps with a tiny residual."""
     torch.manual_seed(0)
     q = torch.linalg.qr(torch.randn(200, 200, dtype=torch.float64))[0]
-    spectrum = torch.cat((torch.linspace(0, 1, 198, dtype=torch.float64), torch.tensor([5.0, 10.0], dtype=torch.float64)))
+    spectrum = torch.cat((torch.linspace(0, 1, 198, dtype=torch.float64),
+                          torch.tensor([5.0, 10.0], dtype=torch.float64)))
     m = q @ torch.diag(spectrum) @ q.T
     values, residuals = analysis.arnoldi(lambda v: m @ v, torch.randn(200, dtype=torch.float64), 30)
     distance = (values[:, None] - spectrum.to(values.dtype)).abs().min(dim=1).values

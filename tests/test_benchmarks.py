@@ -19,12 +19,13 @@ def test_transformer_text_smoke_trains_every_part_through_the_library_run(tmp_pa
     result = json.loads((tmp_path / "transformers.json").read_text())
     assert set(result["scratch"]) == {"residual", "midpoint", "leapfrog", "hamiltonian", "revnet"}
     for scheme, row in result["scratch"].items():  # the table is the runs' own metrics
-        finals = [json.loads(p.read_text())["final_bpc"] for p in sorted(tmp_path.glob(f"scratch-{scheme}-seed*/"
-                                                                                          "summary.json"))]
+        finals = [json.loads(p.read_text())["final_bpc"]
+                  for p in sorted(tmp_path.glob(f"scratch-{scheme}-seed*/summary.json"))]
         assert row["seeds"] == finals
     seeds = {scheme: len(row["seeds"]) for scheme, row in result["scratch"].items()}
     assert seeds["residual"] == 2 and sorted(seeds.values()) == [1, 1, 1, 2, 2]  # and the best reversible scheme
-    assert {(r["scheme"], r["init"]) for r in result["conversion"]} >= {("leapfrog", "rest"), ("leapfrog", "fixed-point")}
+    assert {(r["scheme"], r["init"]) for r in result["conversion"]} >= {("leapfrog", "rest"),
+                                                                        ("leapfrog", "fixed-point")}
     deep = {r["model"]: r["saved_mb"] for r in result["memory"] if r["depth"] == 4}
     shallow = {r["model"]: r["saved_mb"] for r in result["memory"] if r["depth"] == 2}
     assert deep["leapfrog"] == shallow["leapfrog"] < deep["residual"]  # flat in depth; the residual model grows

@@ -124,7 +124,8 @@ def test_adjoint_is_the_operators_transpose(dim):
 
 @pytest.mark.parametrize("dim", DIMS)
 def test_symmetric_and_antisymmetric_layers_in_every_dim(dim):
-    sym, anti = SymmetricLayer(4, act=nn.Identity, dim=dim).double(), AntisymmetricLayer(4, act=nn.Identity, dim=dim).double()
+    sym = SymmetricLayer(4, act=nn.Identity, dim=dim).double()
+    anti = AntisymmetricLayer(4, act=nn.Identity, dim=dim).double()
     for layer in (sym, anti):
         nn.init.zeros_(layer.conv.bias)
     u, v = _field(4, dim), _field(4, dim, seed=1)

@@ -72,6 +72,7 @@ def test_import_of_a_missing_module_is_one_line_and_exit_code_2(capsys):
     assert end.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
         "revnets: error: --import no_such_module_xyz: ModuleNotFoundError: No module named 'no_such_module_xyz'"]
 
+
 def test_an_imported_module_that_exits_is_an_error(tmp_path, monkeypatch, capsys):
     """sys.exit(0) in a user's module would end revnets with nothing done and exit code 0."""
     (tmp_path / "exits_at_import.py").write_text("import sys\nsys.exit(0)\n")
@@ -195,9 +196,10 @@ def test_benchmarks_train_through_the_library_step(script):
     assert "train_step(" in source and "opt.step()" not in source
 
 
-@pytest.mark.parametrize("error", [RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate "
-                                                "memory: you tried to allocate 120000000000 bytes."),
-                                   MemoryError()])
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate "
+                 "memory: you tried to allocate 120000000000 bytes."),
+    MemoryError()])
 def test_running_out_of_memory_is_one_line_and_exit_1(monkeypatch, capsys, error):
     from revnets.cli import models
 

@@ -87,6 +87,7 @@ def test_cifar_test_split_alone_needs_no_training_batches(tmp_path, packed):
     with pytest.raises((ValueError, FileNotFoundError)):
         data.load_dataset("cifar10", tmp_path)
 
+
 def test_cifar_missing_archive_says_where_to_put_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"cifar-100-python\.tar\.gz.*--download") as e:
         data.load_dataset("cifar100", tmp_path)

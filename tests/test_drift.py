@@ -102,6 +102,7 @@ def _stored_bytes(blocks, a, b, segment):
     """Bytes of distinct non-parameter tensors kept for the backward."""
     params = {p.data_ptr() for p in blocks.parameters()}
     seen = {}
+
     def pack(t):
         if t.data_ptr() not in params:
             seen[t.data_ptr()] = t.nbytes

@@ -231,7 +231,8 @@ def saved(tmp_path_factory):
     torch.manual_seed(0)
     llama(2, vocab_size=64, hidden_size=32, intermediate_size=48).save_pretrained(root / "llama")
     from revnets.cli import main
-    assert main([*RUN, "--model", "residual-lm-tiny", "--context", "16", "--epochs", "1", "--out", str(root / "own")]) == 0
+    assert main([*RUN, "--model", "residual-lm-tiny", "--context", "16", "--epochs", "1",
+                 "--out", str(root / "own")]) == 0
     return root / "llama", root / "own" / "best.pt"
 
 
@@ -293,7 +294,8 @@ def test_distillation_steps_on_the_kl_from_the_teacher_and_keeps_none_of_its_act
 @pytest.mark.parametrize("flags, message", [
     (["--convert", "leapfrog"], "--convert works on the model of --init-from"),
     (["--distill"], "--distill works on the model of --init-from"),
-    (["--init-from", "{llama}", "--convert", "resnet"], "--convert: expected a reversible scheme with a transformer layer"),
+    (["--init-from", "{llama}", "--convert", "resnet"],
+     "--convert: expected a reversible scheme with a transformer layer"),
     (["--init-from", "{llama}", "--dropout", "0.1"], "--dropout: not a setting of a Hugging Face model"),
     (["--init-from", "{llama}", "--convert", "midpoint", "--mlp", "symmetric"], "--mlp: not a setting of a Hugging"),
     (["--init-from", "{llama}", "--init", "rest"], "--init: not a setting of a Hugging Face model that is not"),
@@ -318,7 +320,8 @@ def test_an_image_run_refuses_text_conversion(tmp_path, capsys):
 
 def test_a_hugging_face_run_trains_on_a_shorter_window_than_its_positions(saved, tmp_path):
     from revnets.cli import main
-    assert main([*RUN, "--init-from", str(saved[0]), "--context", "4", "--epochs", "1", "--out", str(tmp_path / "r")]) == 0
+    assert main([*RUN, "--init-from", str(saved[0]), "--context", "4", "--epochs", "1",
+                 "--out", str(tmp_path / "r")]) == 0
     assert json.loads((tmp_path / "r" / "config.json").read_text())["context"] == 4
     assert revnets.load(tmp_path / "r" / "best.pt").net.config.max_position_embeddings == 32  # the model is unchanged
 

@@ -114,7 +114,8 @@ def test_predict_topk_json(run, capsys):
         probs = revnets.load(run_dir / "best.pt")(_pixels([file]).float()).softmax(1)[0]
     assert result["path"] == str(file)
     assert [p["class"] for p in result["predictions"]] == [CLASSES[i] for i in probs.argsort(descending=True)]
-    assert [p["probability"] for p in result["predictions"]] == pytest.approx(probs.sort(descending=True).values.tolist())
+    assert [p["probability"] for p in result["predictions"]] == pytest.approx(
+        probs.sort(descending=True).values.tolist())
 
 
 def test_predict_converts_grey_and_resizes_other_sizes_with_a_note(run, tmp_path, capsys):
@@ -125,7 +126,8 @@ def test_predict_converts_grey_and_resizes_other_sizes_with_a_note(run, tmp_path
     out, err = capsys.readouterr()
     with torch.no_grad():
         p = revnets.load(run_dir / "best.pt")(torch.full((1, 3, 8, 8), 200 / 255)).softmax(1)[0]
-    assert out.split("\t")[1] == CLASSES[p.argmax()] and float(out.split("\t")[2]) == pytest.approx(p.max().item(), abs=1e-4)
+    assert out.split("\t")[1] == CLASSES[p.argmax()]
+    assert float(out.split("\t")[2]) == pytest.approx(p.max().item(), abs=1e-4)
     assert "grey.png resized to the training size 8x8" in err
 
 
@@ -148,6 +150,7 @@ def test_predict_bad_arguments_exit_2_with_one_line(run, tmp_path, capsys, argv,
     assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), *argv]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "\n" not in err.strip() and expected in err
+
 
 def test_predict_names_what_a_path_is_when_it_is_not_an_image_file(run, tmp_path, capsys):
     """A link to /dev/zero and a FIFO are named for what they are (not "does not exist"), and never
@@ -237,7 +240,7 @@ OLD_IMAGE = DATA / "digits-2026-12-01.pt"  # a checkpoint of 3d4780f: the record
     (False, lambda c: c["record"].update(image_size=(100_000, 100_000)), "at most 89,478,485 pixels"),
 ])
 def test_a_checkpoint_whose_settings_are_bad_is_refused_before_it_is_built(run, tmp_path, capsys, old, damage,
-                                                                          expected):
+                                                                           expected):
     """Settings read from a checkpoint go through the checks of the API's (h, the standardisation);
     its sizes are compared with its weights before anything is allocated (a width of 10^7 channels
     would need petabytes)."""
@@ -347,4 +350,3 @@ def test_read_image_names_a_file_it_cannot_decode(tmp_path):
     (tmp_path / "x.jpg").write_bytes(b"\xff\xd8 not really")
     with pytest.raises(ValueError, match="x.jpg is not a readable image"):
         data.read_image(tmp_path / "x.jpg")
-

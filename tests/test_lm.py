@@ -117,7 +117,7 @@ def test_generate_rejects_unknown_characters_bad_settings_and_image_checkpoints(
 
 @pytest.mark.parametrize("command", [["eval"], ["predict", "{tmp}/x.png"], ["analyze", "--out", "{tmp}/report"]])
 def test_a_language_models_checkpoint_given_to_an_image_command_says_to_use_generate(trained, tmp_path, capsys,
-                                                                                      command):
+                                                                                     command):
     name, *rest = [a.format(tmp=tmp_path) for a in command]
     assert main([name, "--checkpoint", str(trained), *rest]) == 2
     err = capsys.readouterr().err

@@ -136,7 +136,8 @@ def test_the_api_refuses_the_step_sizes_the_command_line_refuses(make, value):
 @pytest.mark.parametrize("make, match", [
     (lambda: build_model("hamiltonian-74", num_classes=0), "num_classes must be a positive integer; got 0"),
     (lambda: build_model("resnet-32", in_channels=0), "in_channels must be a positive integer; got 0"),
-    (lambda: build_model("hamiltonian-74", channels=(0, 0, 0)), r"one positive integer each per unit; got .*channels=\(0, 0, 0\)"),
+    (lambda: build_model("hamiltonian-74", channels=(0, 0, 0)),
+     r"one positive integer each per unit; got .*channels=\(0, 0, 0\)"),
     (lambda: build_model("hamiltonian-74", channels=(8, 16, 32.0)), r"positive integer each per unit; got .*32\.0"),
     (lambda: build_model("hamiltonian-74", units=(2, 2.5, 2)), r"positive integer each per unit; got units=\(2, 2\.5"),
     (lambda: revnets.register_model("bad", scheme="revnet", units=3, channels=(8,)), "got units=3"),
@@ -254,7 +255,8 @@ def test_reversible_stack_rejects_bad_settings(make, match):
 
 
 @pytest.mark.parametrize("dim, shape, expected", [(0, (2, 4, 3), r"\(N, 4\)"), (1, (2, 4), r"\(N, 4, L\)"),
-                                                  (3, (2, 4, 3, 3), r"\(N, 4, D, H, W\)"), (2, (2, 5, 3, 3), r"\(N, 4, H, W\)")])
+                                                  (3, (2, 4, 3, 3), r"\(N, 4, D, H, W\)"),
+                                                  (2, (2, 5, 3, 3), r"\(N, 4, H, W\)")])
 def test_reversible_stack_names_the_expected_input_shape(dim, shape, expected):
     stack = ReversibleStack("hamiltonian", 4, 2, dim=dim)
     with pytest.raises(ValueError, match=expected):

@@ -317,7 +317,8 @@ def test_a_full_disk_exits_4_with_files_in_step_and_resumes_once_there_is_room(t
     run = small_disk / "run"
     assert main(["train", *TASKS[task], "--epochs", "3", "--out", str(run)]) == 4  # epoch 1 fits, epoch 2 does not
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and re.match(rf"revnets train: stopped: no space left for {run}/\S+: it needs [\d.]+ [KM]B", err[0])
+    assert len(err) == 1 and re.match(rf"revnets train: stopped: no space left for {run}/\S+: "
+                                      r"it needs [\d.]+ [KM]B", err[0])
     assert "holds epoch 1" in err[0] and err[0].endswith(f"continue with: revnets train --resume {run}")
     assert checkpoint.load(run / "last.pt")["epoch"] == 1 and [r["epoch"] for r in _metrics(run)] == ["1"]
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)

@@ -91,7 +91,8 @@ def test_plot_writes_pngs_for_several_runs(tmp_path, capsys, monkeypatch):
     (a / "config.json").write_text('{"name": "hamiltonian-74 (units 1-1-1)"}')
     prefix = tmp_path / "figs" / "cmp"
     figures, save = {}, plot.save_png
-    monkeypatch.setattr(plot, "save_png", lambda fig, path: figures.setdefault(Path(path).name, fig) and save(fig, path))
+    monkeypatch.setattr(plot, "save_png",
+                        lambda fig, path: figures.setdefault(Path(path).name, fig) and save(fig, path))
     assert main(["plot", str(a), str(b), "--out", str(prefix)]) == 0
     printed = capsys.readouterr().out.split()
     assert printed == [f"{prefix}-loss.png", f"{prefix}-accuracy.png", f"{prefix}-lr.png"]

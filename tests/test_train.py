@@ -206,12 +206,12 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tmp_path):
     _run(tmp_path / "first", "--epochs", "1")
     weights = checkpoint.load(tmp_path / "first" / "last.pt")["model"]
     run = Run(parse_config([*TINY, "--epochs", "1", "--out", str(tmp_path / "second"), "--init-from",
-                                  str(tmp_path / "first" / "last.pt")]))
+                            str(tmp_path / "first" / "last.pt")]))
     assert run.start == 0 and all(torch.equal(run.net.state_dict()[k], weights[k]) for k in weights)
     assert not (tmp_path / "second").exists()  # making a Run writes nothing
     with pytest.raises(ValueError, match="last.pt does not match the model"):
         Run(parse_config([*TINY, "--channels", "8", "8", "8", "--out", str(tmp_path / "third"),
-                                "--init-from", str(tmp_path / "first" / "last.pt")]))
+                          "--init-from", str(tmp_path / "first" / "last.pt")]))
     run.fit()
     (tmp_path / "first" / "last.pt").unlink()  # a run started from weights resumes from its own
     assert train(parse_config(["--resume", str(tmp_path / "second"), "--epochs", "2"]))["epochs"] == 2

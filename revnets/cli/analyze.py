@@ -79,7 +79,8 @@ def analyze_model(model: Network, x: torch.Tensor, depths: list[int], hs: list[f
                   "reversal_error": {k: v[i] for k, v in drift.items()}}
                  for i, (n, s) in enumerate(zip(depths, trajectory_spectra(block, a, b, depths)))]
     entry = {"scheme": model.scheme, "h": getattr(block, "h", None),
-             "state_entries": analysis.vector_field(block, a, b)[1].numel(), "spectrum": summary, "per_depth": per_depth,
+             "state_entries": analysis.vector_field(block, a, b)[1].numel(), "spectrum": summary,
+             "per_depth": per_depth,
              "network_reversal_error": analysis.reversal_error(model, x), "step_size": None, "growth_vs_h": None}
     if block.stability_bound is not None:
         entry["step_size"] = analysis.check_step_size(model, x)
@@ -133,7 +134,8 @@ def plot(report: dict, spectra: dict[str, torch.Tensor], out: Path) -> list[Path
     for i, (label, entry) in enumerate(archs.items()):
         if entry["growth_vs_h"]:
             g = entry["growth_vs_h"]
-            ax.plot(g["h"], [_nan(v) for v in g["growth"]], "-o", ms=3, color=f"C{i}", label=f"{label} (N = {g['depth']})")
+            ax.plot(g["h"], [_nan(v) for v in g["growth"]], "-o", ms=3, color=f"C{i}",
+                    label=f"{label} (N = {g['depth']})")
     ax.set(xscale="log", yscale="log", xlabel="step size h", ylabel="growth ||dx_N|| / ||dx_0||")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="x-small")
@@ -195,19 +197,22 @@ def run(args: argparse.Namespace) -> int:
 
 def _line(entry: dict) -> str:
     last = entry["per_depth"][-1]
-    return (f"max Re {entry['spectrum']['max_real']:.3g}, radius {entry['spectrum']['radius']:.3g}; at N={last['depth']}: "
+    return (f"max Re {entry['spectrum']['max_real']:.3g}, radius {entry['spectrum']['radius']:.3g}; "
+            f"at N={last['depth']}: "
             f"growth {last['growth']['time-invariant']:.3g} (time-invariant) {last['growth']['random']:.3g} (random), "
             f"reversal error float32 {last['reversal_error']['float32']:.3g}")
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("analyze", help="stability report: Jacobian spectra, growth through depth, reversal drift",
+    p = subparsers.add_parser("analyze",
+                              help="stability report: Jacobian spectra, growth through depth, reversal drift",
                               description="Measure the stability of models' blocks (paper, Section 3) and write "
                                           "stability.json and stability-*.png into --out.")
     images = [name for name, spec in MODELS.items() if spec["kind"] == "image"]
     p.add_argument("--model", nargs="+", default=[], metavar="NAME",
                    help=f"image models, built with --units/--channels ({', '.join(images)}; default: none)")
-    p.add_argument("--checkpoint", nargs="+", default=[], metavar="PATH", help="trained models (revnets train's .pt; default: none)")
+    p.add_argument("--checkpoint", nargs="+", default=[], metavar="PATH",
+                   help="trained models (revnets train's .pt; default: none)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--depths", nargs="+", type=int, default=[1, 10, 100, 1000], metavar="N",
                    help="chain depths in blocks (default: 1 10 100 1000)")

@@ -79,5 +79,6 @@ def add_parser(subparsers) -> None:
                                                     "is the run's, else ./data; see `revnets train --help`)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--batch-size", type=positive_int, default=1000, help="images per batch (default: 1000)")
-    p.add_argument("--amp", choices=list(AMP_DTYPES), default="off", help="autocast precision on the device (default: off)")
+    p.add_argument("--amp", choices=list(AMP_DTYPES), default="off",
+                   help="autocast precision on the device (default: off)")
     p.set_defaults(func=run)

@@ -75,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("models", help="list the registered models with parameter counts",
-                              description=__doc__.split("\n\n")[0] + " Image models have 3 input channels; paper "
-                                          "counts exist for 10 and 100 classes.")
+                              description=__doc__.split("\n\n")[0]
+                              + " Image models have 3 input channels; paper counts exist for 10 and 100 classes.")
     p.add_argument("--num-classes", type=positive_int, nargs="+", default=list(PAPER_HEADS),
                    help="head sizes to count: image classes, or a language model's tokens (default: 10 100)")
     p.set_defaults(func=run)

@@ -28,7 +28,8 @@ def read_metrics(run_dir: str | Path) -> dict[str, list[float]]:
     rows = read_csv(path)
     missing = [c for c in REQUIRED if not rows or c not in rows[0]]
     if missing:
-        raise ValueError(f"{path} has no rows or lacks the columns {', '.join(missing)}; expected {', '.join(REQUIRED)}")
+        raise ValueError(f"{path} has no rows or lacks the columns {', '.join(missing)}; "
+                         f"expected {', '.join(REQUIRED)}")
     try:
         return {c: [float(r[c]) if r.get(c) else math.nan for r in rows]
                 for c in ("epoch", *(c for cols in CURVES.values() for c in cols))}
@@ -48,7 +49,8 @@ def plot_runs(run_dirs: list[str | Path], prefix: str | Path) -> list[Path]:
     (loss, accuracy, bpc, lr); return their paths."""
     runs = {Path(d).resolve().name: (run_label(d), read_metrics(d)) for d in run_dirs}
     if len(runs) < len(run_dirs):
-        raise ValueError(f"run directories need distinct names to label the curves; got {', '.join(map(str, run_dirs))}")
+        raise ValueError("run directories need distinct names to label the curves; "
+                         f"got {', '.join(map(str, run_dirs))}")
     try:
         import matplotlib
     except ImportError:
@@ -71,7 +73,8 @@ def plot_runs(run_dirs: list[str | Path], prefix: str | Path) -> list[Path]:
                             label=label if quantity == "lr" else f"{label} ({split})")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ylabel = YLABELS[quantity]
-        ax.set(xlabel="epoch", ylabel=ylabel, title=f"{ylabel} per epoch", yscale="log" if quantity == "lr" else "linear")
+        ax.set(xlabel="epoch", ylabel=ylabel, title=f"{ylabel} per epoch",
+               yscale="log" if quantity == "lr" else "linear")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
         paths.append(save_png(fig, f"{prefix}-{quantity}.png"))

@@ -151,7 +151,8 @@ def grid(experiment: str, budget: str, data: dict, models=None, fractions=None, 
 def _check_subset(what: str, chosen, valid: tuple) -> tuple:
     unknown = set(chosen or ()) - set(valid)
     if unknown:
-        raise ValueError(f"unknown {what} {', '.join(sorted(unknown))} for this experiment; expected {', '.join(valid)}")
+        raise ValueError(f"unknown {what} {', '.join(sorted(unknown))} for this experiment; "
+                         f"expected {', '.join(valid)}")
     return tuple(chosen or valid)
 
 

@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     image, text = settings.RECIPES["image"], settings.RECIPES["text"]
     a = p.add_argument
     a("--dataset", choices=(*DATASETS, "text"), help="what to train on; text: UTF-8 files and a language model "
-                                                    "(default: digits, offline)")
+                                                     "(default: digits, offline)")
     a("--data-dir", help="where the dataset lives: CIFAR archive, stl10_binary, image-folder root, or a UTF-8 text "
                          "file or directory of them (default: ./data; digits needs none)")
     a("--download", action="store_true", help="fetch CIFAR archives from their official address")

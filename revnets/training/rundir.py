@@ -161,7 +161,8 @@ class RunDir:
             saved = json.loads(self.config.read_text())
             content["extended"] = saved.get("extended", [])
             if (saved["epochs"], tuple(saved["milestones"])) != (config.epochs, config.milestones):
-                content["extended"].append(dict(after_epoch=start, epochs=saved["epochs"], milestones=saved["milestones"]))
+                content["extended"].append(dict(after_epoch=start, epochs=saved["epochs"],
+                                                milestones=saved["milestones"]))
         write_json(self.config, content)
 
     def save(self, state: dict, best: bool) -> None:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..inference import Vocabulary, logits
 
+
 def read_text(path: str | Path) -> str:
     """The text of a file, or of every file under a directory joined in path order.
 
