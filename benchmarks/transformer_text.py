@@ -185,9 +185,10 @@ def memory_and_time(args, vocab: int) -> list[dict]:
         base = {k: next(r[k] for r in rows if r["depth"] == depth and r["model"] == "residual")
                 for k in ("step_s", "median_s")}
         for row in rows[-len(models):]:
-            row.update(vs_residual=row["step_s"] / base["step_s"], vs_residual_median=row["median_s"] / base["median_s"])
-        print(f"  depth {depth}: " + ", ".join(f"{r['model']} {r['vs_residual']:.2f}x {r['saved_mb']:.1f} MB"
-                                              for r in rows[-len(models):]), flush=True)
+            row.update(vs_residual=row["step_s"] / base["step_s"],
+                       vs_residual_median=row["median_s"] / base["median_s"])
+        line = ", ".join(f"{r['model']} {r['vs_residual']:.2f}x {r['saved_mb']:.1f} MB" for r in rows[-len(models):])
+        print(f"  depth {depth}: {line}", flush=True)
     return rows
 
 

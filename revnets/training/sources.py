@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import checkpoint, inference
 
+
 def is_hf(path: str | None) -> bool:
     """Whether `path` is a Hugging Face model directory (one with a config.json)."""
     return path is not None and (Path(path) / "config.json").is_file()
