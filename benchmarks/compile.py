@@ -1,6 +1,6 @@
 """torch.compile and the reversible engine: step times, eager and compiled, and what remains of the gap.
 
-    OMP_NUM_THREADS=1 python benchmarks/compile.py             # CPU: about 30 minutes of one core
+    OMP_NUM_THREADS=1 python benchmarks/compile.py             # CPU: 17 minutes of one core
     OMP_NUM_THREADS=1 python benchmarks/compile.py --record    # also append the tables to BENCHMARKS.md
     python benchmarks/compile.py --device cuda --record        # the GPU rows
 
@@ -31,8 +31,8 @@ grad, back-propagated (the recomputation); (2) a profile of `--profile-steps` st
 run short): self CPU time per step by kind of work (matrix products and convolutions, attention,
 inductor's generated kernels, other aten operators, the engine's own Python, the rest).
 
-Time, CPU, one core: about 30 minutes (an estimate from the depth-12 and 18-block timings), most of
-it compiling the baselines at depth 48 and at 100 blocks, whose whole graphs inductor compiles.
+Time, CPU, one core: 17 minutes (2026-12-07, BENCHMARKS.md), most of it compiling the baselines at
+depth 48 and at 100 blocks, whose whole graphs inductor compiles (68 s to 219 s a first step).
 """
 import argparse
 import os
@@ -248,7 +248,9 @@ def main() -> None:
                "interleaved, by "
                f"{'wall time' if args.device.startswith('cuda') else 'process CPU time'}; vs_baseline: over the "
                "baseline in the same mode (best; and median), vs_eager: compiled over eager, same model. "
-               "first_step_s: wall time of the first step (a cold compile); graphs: compiled in it; recompiles: "
+               "first_step_s: wall time of the first step (a cold compile; the reversible models' graphs, one per "
+               "block class and grad mode, are shared across depths, so a later depth compiles none); graphs: "
+               "compiled in it; recompiles: "
                f"graphs compiled in the {args.rounds + 1} steps after it. Floor: one block of the middle of the chain, "
                f"each reversible model's against the baseline's, best of {3 * args.rounds} (module docstring). Profile "
                "(the residual and Leapfrog transformers; every image model): self CPU time per step (ms) under "
