@@ -29,9 +29,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import checkpoint, inference
-from ..files import DiskFull
 from ..analysis import DriftMonitor
 from ..engine import AutoSegment
+from ..files import DiskFull
 from ..multilevel import grow
 from ..networks import chains
 from . import distributed, sources
