@@ -71,6 +71,7 @@ during training (a unit's `segment="auto"`).
 """
 import functools
 import inspect
+import itertools
 import math
 import warnings
 import weakref
@@ -338,7 +339,7 @@ class _Sharded(torch.autograd.Function):
             if isinstance(block, FSDPModule) and "inverse" not in vars(block):
                 register_fsdp_forward_method(block, "inverse")
         ctx.blocks, ctx.name, ctx.n_params = blocks, name, len(params)
-        ctx.starts = [sum(len(blk.couplings()) for blk in blocks[:j]) for j in range(len(blocks))]
+        ctx.starts = [0, *itertools.accumulate(len(blk.couplings()) for blk in blocks[:-1])]  # first couplings
         ctx.replay = Replay(blocks, a.device)
         x, y = ctx.replay.record(lambda before: _run_blocks(blocks, ctx.starts, a, b, before))
         ctx.save_for_backward(a, b, x, y)

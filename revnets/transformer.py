@@ -78,7 +78,7 @@ class ReversibleTransformer(MemoryEfficient, nn.Module):
                  segment: int | str | None = None, exact: bool = False, init: str = "rest"):
         super().__init__()
         record = get_scheme(scheme)
-        _check_sizes(vocab_size, width, depth, heads, context, record, dropout, h, mlp)
+        _check_sizes(vocab_size, width, depth, heads, context, record, dropout)
         self.scheme, self.context, self.vocab_size, self.init = record.name, context, vocab_size, init
         self.layer = record.layer
         self.tok = nn.Embedding(vocab_size, width)
@@ -133,7 +133,7 @@ class ReversibleTransformer(MemoryEfficient, nn.Module):
         return self.head(self.norm(x))
 
 
-def _check_sizes(vocab_size, width, depth, heads, context, record: Scheme, dropout, h, mlp) -> None:
+def _check_sizes(vocab_size, width, depth, heads, context, record: Scheme, dropout) -> None:
     check_positive(vocab_size=vocab_size, width=width, depth=depth, heads=heads, context=context)
     if record.layer is None:
         raise ValueError(f"scheme {record.name!r} has no transformer layer; expected one of "
