@@ -90,6 +90,26 @@ def measure(name: str, mode: str, batch: int, size: int, device: str, amp: str |
     return out
 
 
+def interleaved(calls: dict, rounds: int, device: str = "cpu") -> dict:
+    """Per key: the seconds of `rounds` calls of calls[key], all calls interleaved round by round
+    after one untimed round, so that a shared machine's changing load falls on every call alike.
+    CPU: the process's CPU time (other processes disturb it far less than wall time); GPU: wall
+    time, synchronised."""
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    clock = time.perf_counter if cuda else time.process_time
+    times = {key: [] for key in calls}
+    for r in range(rounds + 1):
+        for key, call in calls.items():
+            sync()
+            t = clock()
+            call()
+            sync()
+            if r:
+                times[key].append(clock() - t)
+    return times
+
+
 def measure_interleaved(name: str, modes: list[str], batch: int, size: int, device: str, amp: str | None,
                         repeats: int, **overrides) -> list[dict]:
     """Step time of several modes of one model, their steps interleaved in one process.

@@ -47,7 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from common import build, markdown, record, train_step  # noqa: E402
+from common import build, interleaved, markdown, record, train_step  # noqa: E402
 from revnets import SCHEMES, Network, ReversibleTransformer  # noqa: E402
 from revnets.engine import chain_steps, compiled_steps  # noqa: E402
 
@@ -100,23 +100,18 @@ def synchronize(device: str):
     return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
 
-def interleaved(runs: dict, rounds: int, device: str, counter) -> dict:
-    """Per run: CPU ms (GPU: wall ms) of `rounds` calls, the runs' calls interleaved, after one
-    untimed round; and the graphs compiled during the calls."""
-    sync = synchronize(device)
-    clock = time.perf_counter if device.startswith("cuda") else time.process_time
-    times, graphs = {k: [] for k in runs}, dict.fromkeys(runs, 0)
-    for r in range(rounds + 1):
-        for key, run in runs.items():
+def counted(runs: dict, rounds: int, device: str, counter) -> dict:
+    """common.interleaved's times in ms of the runs, and per run the graphs compiled during its calls."""
+    graphs = dict.fromkeys(runs, 0)
+
+    def call(key, run):
+        def once():
             before = counter.frame_count
-            sync()
-            t = clock()
             run()
-            sync()
             graphs[key] += counter.frame_count - before
-            if r:
-                times[key].append(1e3 * (clock() - t))
-    return dict(ms=times, graphs=graphs)
+        return once
+    seconds = interleaved({key: call(key, run) for key, run in runs.items()}, rounds, device)
+    return dict(ms={key: [1e3 * t for t in ts] for key, ts in seconds.items()}, graphs=graphs)
 
 
 def step_times(comparison: str, models: dict, step, device: str, rounds: int, counter) -> tuple[list[dict], dict]:
@@ -136,7 +131,7 @@ def step_times(comparison: str, models: dict, step, device: str, rounds: int, co
             model.zero_grad(set_to_none=False)
             step(model)
         return once
-    found = interleaved({key: run(m) for key, m in runs.items()}, rounds, device, counter)
+    found = counted({key: run(m) for key, m in runs.items()}, rounds, device, counter)
     rows = []
     for (name, mode), ms in found["ms"].items():
         base, eager = found["ms"][baseline, mode], found["ms"][name, "eager"]
@@ -149,7 +144,8 @@ def step_times(comparison: str, models: dict, step, device: str, rounds: int, co
 
 
 def middle_block(model: torch.nn.Module) -> torch.nn.Module:
-    return model.units[0].blocks[1] if isinstance(model, Network) else model.blocks[1]
+    blocks = model.units[0].blocks if isinstance(model, Network) else model.blocks
+    return blocks[len(blocks) // 2]
 
 
 def floor(comparison: str, models: dict, state: tuple, device: str, rounds: int, counter) -> list[dict]:
@@ -180,7 +176,7 @@ def floor(comparison: str, models: dict, state: tuple, device: str, rounds: int,
     for name, block in reversible.items():
         steps = chain_steps([block], None)
         runs[name, "eager"], runs[name, "compiled"] = couplings(block, steps), couplings(block, compiled_steps(steps))
-    ms = interleaved(runs, 3 * rounds, device, counter)["ms"]
+    ms = counted(runs, 3 * rounds, device, counter)["ms"]
     return [dict(comparison=comparison, model=name, mode=mode, baseline_block_ms=min(ms["baseline", mode]),
                  reversible_block_ms=min(ms[name, mode]),
                  floor=f"{min(ms[name, mode]) / min(ms['baseline', mode]):.2f}")

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, markdown, record
+from common import ROOT, interleaved, markdown, record
 
 from revnets import checkpoint, inference, memory
 from revnets.files import atomic_write, write_json
@@ -171,13 +171,8 @@ def memory_and_time(args, vocab: int) -> list[dict]:
     for depth, rounds in zip(args.depths, args.rounds):
         models = models_at(depth, vocab, args.context, args.sizes)
         opts = {n: torch.optim.AdamW(m.parameters(), 1e-4) for n, m in models.items()}
-        times = {n: [] for n in models}
-        for r in range(rounds + 1):
-            for n, model in models.items():
-                t = time.process_time()
-                train_step(model.train(), opts[n], x, x.roll(-1, 1))
-                if r:
-                    times[n].append(time.process_time() - t)
+        times = interleaved({n: (lambda n=n: train_step(models[n].train(), opts[n], x, x.roll(-1, 1)))
+                             for n in models}, rounds)
         for n, model in models.items():
             saved = memory.saved_bytes(model, lambda: model(x).logits.sum())[0]
             rows.append(dict(model=n, depth=depth, saved_mb=saved / 2**20, step_s=min(times[n]),
