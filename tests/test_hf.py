@@ -104,6 +104,25 @@ def test_right_padding_leaves_the_real_tokens_as_they_are(family):
         assert (model(padded).logits[0, 5:] - model(padded, attention_mask=mask).logits[0, 5:]).abs().max() > 0
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_backward_after_another_forward_recomputes_with_its_own_mask_and_positions(family):
+    """Each coupling keeps the context (mask, positions) of the forward that made it: a second
+    forward of another length in between does not change the first one's gradients."""
+    model, plain = converted(family, "leapfrog").eval(), converted(family, "leapfrog").eval()  # no dropout
+    plain.memory_efficient = False
+    x, mask = tokens(2, 8), torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    model(x, attention_mask=mask).logits.square().sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss = model(x, attention_mask=mask).logits.square().sum()
+    model(tokens(1, 5, seed=3)).logits.sum()  # another forward, its graph dropped
+    loss.backward()
+    plain(x, attention_mask=mask).logits.square().sum().backward()
+    for p, e, r in zip(model.parameters(), expected, plain.parameters()):
+        torch.testing.assert_close(p.grad, e, rtol=0, atol=0)
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_save_and_load_keep_the_weights_the_scheme_and_h(scheme, tmp_path):
     torch.manual_seed(0)
@@ -289,6 +308,21 @@ def test_distillation_steps_on_the_kl_from_the_teacher_and_keeps_none_of_its_act
     bare = memory.saved_bytes(student, lambda: student(x).logits.sum())[0]
     with_teacher = memory.saved_bytes(student, lambda: (student(x).logits.sum(), teacher(x)))[0]
     assert with_teacher == bare  # the teacher runs without a graph
+
+
+def test_a_runs_teacher_is_frozen_and_steps_without_a_graph(saved):
+    """--distill's teacher (`sources.teacher`): eval mode, no parameter to train, and `train_step`
+    runs it with grad mode off (a frozen model under grad mode would still record its graph when
+    its input required grad; no_grad keeps even that out)."""
+    from revnets.training import sources, train_step
+    teacher = sources.teacher(str(saved[0]), torch.device("cpu"))
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    modes = []
+    teacher.register_forward_hook(lambda module, args, out: modes.append(torch.is_grad_enabled()))
+    student = hf.reversible(transformers.AutoModelForCausalLM.from_pretrained(saved[0]), "midpoint")
+    x = tokens(2, 8)
+    train_step(student, torch.optim.SGD(student.parameters(), lr=0.1), x, x.roll(-1, 1), teacher=teacher)
+    assert modes == [False]
 
 
 @pytest.mark.parametrize("flags, message", [
