@@ -1,4 +1,5 @@
 """The benchmark scripts that the test suite runs in a smoke mode (every part tiny, seconds)."""
+import csv
 import json
 import os
 import subprocess
@@ -22,6 +23,13 @@ def test_transformer_text_smoke_trains_every_part_through_the_library_run(tmp_pa
         finals = [json.loads(p.read_text())["final_bpc"]
                   for p in sorted(tmp_path.glob(f"scratch-{scheme}-seed*/summary.json"))]
         assert row["seeds"] == finals
+        assert row["mean"] == pytest.approx(sum(finals) / len(finals))
+        assert (row["low"], row["high"]) == (min(finals), max(finals))
+        curves = [[(int(r["step"]), float(r["val_bpc"])) for r in csv.DictReader(p.open())]
+                  for p in sorted(tmp_path.glob(f"scratch-{scheme}-seed*/metrics.csv"))]
+        assert [step for step, _ in row["mean_curve"]] == [step for step, _ in curves[0]]
+        assert [b for _, b in row["mean_curve"]] == pytest.approx(
+            [sum(points) / len(points) for points in zip(*([b for _, b in c] for c in curves))])
     seeds = {scheme: len(row["seeds"]) for scheme, row in result["scratch"].items()}
     assert seeds["residual"] == 2 and sorted(seeds.values()) == [1, 1, 1, 2, 2]  # and the best reversible scheme
     assert {(r["scheme"], r["init"]) for r in result["conversion"]} >= {("leapfrog", "rest"),
