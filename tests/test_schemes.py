@@ -196,6 +196,6 @@ def test_registered_models_work_with_grow_and_analysis():
 
 
 def test_register_scheme_refuses_defaults_its_block_class_does_not_take():
-    with pytest.raises(ValueError, match=r"scheme 'frob': _Dense.__init__ takes no frob, given as defaults"):
-        register_scheme("frob", _Dense, frob=1)
+    with pytest.raises(ValueError, match=r"scheme 'frob': HamiltonianBlock.__init__ takes no frob, given as defaults"):
+        register_scheme("frob", revnets.HamiltonianBlock, frob=1)  # a block that takes dim: only frob is wrong
     assert "frob" not in SCHEMES
